@@ -1,0 +1,604 @@
+//! The reactor's io_uring: the in-flight table, submission batching and
+//! completion dispatch.
+//!
+//! One of the two modules of the workspace that hold `unsafe` (the other is
+//! `buf`). The contract of io_uring is that everything an SQE points to stays
+//! valid until its CQE. It is discharged here and only here:
+//!
+//! - an [`Op`] owns every resource the kernel touches: its [`IoBuf`] (heap
+//!   memory that does not move when the `Op` value moves) and a [`SharedFd`]
+//!   reference that keeps the descriptor open;
+//! - the `Op` enters the in-flight slab *before* its SQE is pushed, keyed by
+//!   the SQE's `user_data`, and leaves it only when the CQE for that key is
+//!   reaped — the completion hands the `Op` (and so the buffer) back;
+//! - a dropped [`OpFuture`] does not free anything: its entry is marked
+//!   abandoned and released when the CQE arrives;
+//! - dropping the ring with operations in flight leaks their resources (with
+//!   an error log) instead of freeing memory the kernel may still write.
+//!
+//! Every failure reaches the submitter as a completion (a negative errno), so
+//! callers have one path.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use io_uring::{IoUring, opcode, squeue, types};
+use slab::Slab;
+
+use crate::buf::IoBuf;
+
+/// A file descriptor shared by a device and every operation in flight on it.
+pub type SharedFd = Arc<OwnedFd>;
+
+/// `user_data` of cancel requests, whose own completions are ignored.
+const CANCEL_USER_DATA: u64 = u64::MAX;
+
+/// An operation for the kernel, owning everything the kernel will touch.
+#[derive(Debug)]
+pub enum Op {
+    Nop,
+    /// Read `len` bytes at file `offset` into `buf[at..at + len]`.
+    /// An offset of `u64::MAX` reads at the file position (pipes, eventfds).
+    Read { fd: SharedFd, offset: u64, buf: IoBuf, at: usize, len: usize },
+    /// Write `buf[at..at + len]` at file `offset`; `fua` makes it durable
+    /// before completion (RWF_DSYNC).
+    Write { fd: SharedFd, offset: u64, buf: IoBuf, at: usize, len: usize, fua: bool },
+    Fsync { fd: SharedFd, datasync: bool },
+    Fallocate { fd: SharedFd, mode: i32, offset: u64, len: u64 },
+    /// Receive into `buf[at..at + len]` from a socket.
+    Recv { fd: SharedFd, buf: IoBuf, at: usize, len: usize },
+    /// Send `buf[at..at + len]` on a socket (never raises SIGPIPE).
+    Send { fd: SharedFd, buf: IoBuf, at: usize, len: usize },
+    /// Accept a connection; the result is the new descriptor.
+    Accept { fd: SharedFd },
+    /// Wait until the descriptor is ready for `events` (POLLIN, ...).
+    PollAdd { fd: SharedFd, events: u32 },
+}
+
+impl Op {
+    /// The buffer the operation owned, now that the kernel is done with it.
+    pub fn into_buf(self) -> Option<IoBuf> {
+        match self {
+            Op::Read { buf, .. } | Op::Write { buf, .. } | Op::Recv { buf, .. } | Op::Send { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+
+    fn check(&self) {
+        match self {
+            Op::Read { buf, at, len, .. }
+            | Op::Write { buf, at, len, .. }
+            | Op::Recv { buf, at, len, .. }
+            | Op::Send { buf, at, len, .. } => {
+                assert!(
+                    at.checked_add(*len).is_some_and(|end| end <= buf.capacity()),
+                    "uring op range {at}+{len} beyond buffer capacity {}",
+                    buf.capacity()
+                );
+                assert!(*len <= u32::MAX as usize, "uring op length {len} above u32");
+            }
+            _ => {}
+        }
+    }
+
+    /// Builds the SQE. The pointers it carries stay valid while `self` sits
+    /// in the in-flight slab (see the module documentation).
+    fn entry(&mut self) -> squeue::Entry {
+        match self {
+            Op::Nop => opcode::Nop::new().build(),
+            Op::Read { fd, offset, buf, at, len } => {
+                // SAFETY: check() established at + len <= capacity, so the
+                // offset pointer stays inside the allocation.
+                let ptr = unsafe { buf.as_mut_ptr().add(*at) };
+                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).offset(*offset).build()
+            }
+            Op::Write { fd, offset, buf, at, len, fua } => {
+                // SAFETY: as for Read.
+                let ptr = unsafe { buf.as_mut_ptr().add(*at) };
+                let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32)
+                    .offset(*offset)
+                    .rw_flags(flags)
+                    .build()
+            }
+            Op::Fsync { fd, datasync } => {
+                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(flags).build()
+            }
+            Op::Fallocate { fd, mode, offset, len } => {
+                opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), *len).offset(*offset).mode(*mode).build()
+            }
+            Op::Recv { fd, buf, at, len } => {
+                // SAFETY: as for Read.
+                let ptr = unsafe { buf.as_mut_ptr().add(*at) };
+                opcode::Recv::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).build()
+            }
+            Op::Send { fd, buf, at, len } => {
+                // SAFETY: as for Read.
+                let ptr = unsafe { buf.as_mut_ptr().add(*at) };
+                opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
+            Op::Accept { fd } => opcode::Accept::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build(),
+            Op::PollAdd { fd, events } => opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build(),
+        }
+    }
+}
+
+/// Receives completions of operations submitted with [`Ring::submit_with`].
+pub trait OpCallback {
+    /// `res` is the kernel's result: bytes or a descriptor when non-negative,
+    /// a negative errno otherwise. `op` returns the operation's resources.
+    fn op_done(&self, tag: u64, res: i32, op: Op);
+}
+
+enum Waiter {
+    /// An `OpFuture` waits; holds its waker once polled.
+    Future(Option<Waker>),
+    /// Completed; the `OpFuture` has not collected the result yet.
+    Done(i32),
+    /// The `OpFuture` was dropped; release the entry at the CQE.
+    Abandoned,
+    Callback(Rc<dyn OpCallback>, u64),
+    /// The reactor's wake-up read on its eventfd.
+    Wakeup,
+}
+
+struct Inflight {
+    op: Op,
+    waiter: Waiter,
+}
+
+struct RingInner {
+    ring: IoUring,
+    inflight: Slab<Inflight>,
+    /// Keys whose SQE did not fit in the submission queue yet.
+    backlog: VecDeque<usize>,
+    /// Cancel requests that did not fit yet.
+    cancel_backlog: VecDeque<usize>,
+    /// SQEs pushed since the last successful enter.
+    unsubmitted: bool,
+    /// Scratch space for reaped CQEs, reused every tick.
+    reaped: Vec<(u64, i32)>,
+    wakeup_armed: bool,
+    stats: RingStats,
+}
+
+/// Counters for benchmarks and introspection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RingStats {
+    pub submitted: u64,
+    pub completed: u64,
+    pub enters: u64,
+}
+
+/// One io_uring owned by one reactor thread.
+pub struct Ring {
+    inner: RefCell<RingInner>,
+}
+
+impl Ring {
+    /// Sets up a ring with `entries` submission slots (completion queue twice that).
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(2))
+            .setup_single_issuer()
+            .setup_clamp()
+            .build(entries)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("io_uring setup failed ({e}); io_uring may be disabled (sysctl kernel.io_uring_disabled) or blocked by seccomp"),
+                )
+            })?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::other("kernel lacks IORING_FEAT_EXT_ARG (Linux 5.11 or newer is needed)"));
+        }
+        Ok(Ring {
+            inner: RefCell::new(RingInner {
+                ring,
+                inflight: Slab::with_capacity(entries as usize),
+                backlog: VecDeque::new(),
+                cancel_backlog: VecDeque::new(),
+                unsubmitted: false,
+                reaped: Vec::with_capacity(entries as usize * 2),
+                wakeup_armed: false,
+                stats: RingStats::default(),
+            }),
+        })
+    }
+
+    /// Submits `op`; `cb.op_done(tag, ..)` runs on this reactor once it completes.
+    pub fn submit_with(&self, op: Op, cb: Rc<dyn OpCallback>, tag: u64) {
+        self.queue(op, Waiter::Callback(cb, tag));
+    }
+
+    /// Submits `op` and returns a future for its completion.
+    pub fn submit(self: &Rc<Self>, op: Op) -> OpFuture {
+        let key = self.queue(op, Waiter::Future(None));
+        OpFuture { ring: Rc::clone(self), key, done: false }
+    }
+
+    fn queue(&self, op: Op, waiter: Waiter) -> usize {
+        op.check();
+        let mut inner = self.inner.borrow_mut();
+        let key = inner.inflight.insert(Inflight { op, waiter });
+        inner.push(key);
+        key
+    }
+
+    /// Operations in the in-flight table, the eventfd wake-up read included.
+    pub fn inflight(&self) -> usize {
+        self.inner.borrow().inflight.len()
+    }
+
+    pub fn stats(&self) -> RingStats {
+        self.inner.borrow().stats
+    }
+
+    /// True when SQEs wait for an enter.
+    pub fn has_pending_submissions(&self) -> bool {
+        let inner = self.inner.borrow();
+        inner.unsubmitted || !inner.backlog.is_empty() || !inner.cancel_backlog.is_empty()
+    }
+
+    /// Arms a read on the reactor's eventfd (if not armed) so a blocking wait
+    /// returns when another thread signals it.
+    pub(crate) fn arm_wakeup(&self, eventfd: &SharedFd) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.wakeup_armed {
+            return;
+        }
+        inner.wakeup_armed = true;
+        let op = Op::Read { fd: Arc::clone(eventfd), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 };
+        let key = inner.inflight.insert(Inflight { op, waiter: Waiter::Wakeup });
+        inner.push(key);
+    }
+
+    /// Sends queued SQEs to the kernel (one `io_uring_enter`), and when
+    /// `wait` is given, blocks until one completion arrives or the timeout
+    /// passes (`Some(None)` waits without limit).
+    pub fn enter(&self, wait: Option<Option<Duration>>) {
+        let mut inner = self.inner.borrow_mut();
+        inner.refill_from_backlog();
+        if !inner.unsubmitted && wait.is_none() {
+            return;
+        }
+        inner.stats.enters += 1;
+        let res = match wait {
+            None => inner.ring.submit(),
+            Some(None) => inner.ring.submit_and_wait(1),
+            Some(Some(timeout)) => {
+                let ts = types::Timespec::from(timeout);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                inner.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match res {
+            Ok(_) => {
+                let left = inner.ring.submission().len();
+                inner.unsubmitted = left > 0;
+            }
+            Err(e) => match e.raw_os_error() {
+                // ETIME: the wait timed out; EINTR: a signal; EAGAIN/EBUSY:
+                // the kernel is short of resources or the CQ is full — retry
+                // after reaping.
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {
+                    let left = inner.ring.submission().len();
+                    inner.unsubmitted = left > 0;
+                }
+                _ => tracing::error!(error = %e, "io_uring_enter failed"),
+            },
+        }
+        inner.refill_from_backlog();
+    }
+
+    /// Reaps every available completion and dispatches it. Returns how many
+    /// operations completed.
+    pub fn reap(&self) -> usize {
+        let mut reaped = {
+            let mut inner = self.inner.borrow_mut();
+            let mut reaped = std::mem::take(&mut inner.reaped);
+            for cqe in inner.ring.completion() {
+                reaped.push((cqe.user_data(), cqe.result()));
+            }
+            reaped
+        };
+        let count = reaped.len();
+        for (user_data, res) in reaped.drain(..) {
+            if user_data != CANCEL_USER_DATA {
+                self.dispatch(user_data as usize, res);
+            }
+        }
+        let mut inner = self.inner.borrow_mut();
+        inner.stats.completed += count as u64;
+        inner.reaped = reaped;
+        count
+    }
+
+    fn dispatch(&self, key: usize, res: i32) {
+        let mut inner = self.inner.borrow_mut();
+        let Some(entry) = inner.inflight.get_mut(key) else {
+            tracing::error!(key, "completion for an unknown io_uring operation");
+            return;
+        };
+        match &mut entry.waiter {
+            Waiter::Future(waker) => {
+                let waker = waker.take();
+                entry.waiter = Waiter::Done(res);
+                drop(inner);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+            Waiter::Done(_) => tracing::error!(key, "second completion for an io_uring operation"),
+            Waiter::Abandoned => {
+                inner.inflight.remove(key);
+            }
+            Waiter::Wakeup => {
+                inner.inflight.remove(key);
+                inner.wakeup_armed = false;
+            }
+            Waiter::Callback(..) => {
+                let entry = inner.inflight.remove(key);
+                drop(inner);
+                if let Waiter::Callback(cb, tag) = entry.waiter {
+                    cb.op_done(tag, res, entry.op);
+                }
+            }
+        }
+    }
+
+    fn cancel(&self, key: usize) {
+        let mut inner = self.inner.borrow_mut();
+        inner.push_cancel(key);
+    }
+}
+
+impl RingInner {
+    fn push(&mut self, key: usize) {
+        if !self.backlog.is_empty() || !self.try_push(key) {
+            self.backlog.push_back(key);
+        }
+    }
+
+    fn try_push(&mut self, key: usize) -> bool {
+        let entry = self.inflight[key].op.entry().user_data(key as u64);
+        // SAFETY: the SQE points only into resources owned by the Op stored
+        // at `key` in the in-flight slab, which stays there until the CQE
+        // for `key` is reaped (Ring::dispatch) — the module invariant.
+        // Test: uring_tests::abandoned_read_keeps_buffer_until_completion.
+        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if pushed {
+            self.unsubmitted = true;
+            self.stats.submitted += 1;
+        }
+        pushed
+    }
+
+    fn push_cancel(&mut self, key: usize) {
+        let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
+        // SAFETY: a cancel SQE carries no pointers, only the target's user_data.
+        if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            self.unsubmitted = true;
+        } else {
+            self.cancel_backlog.push_back(key);
+        }
+    }
+
+    fn refill_from_backlog(&mut self) {
+        while let Some(&key) = self.backlog.front() {
+            if !self.try_push(key) {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+        while let Some(key) = self.cancel_backlog.pop_front() {
+            if !self.inflight.contains(key) {
+                continue;
+            }
+            let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
+            // SAFETY: a cancel SQE carries no pointers.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                self.cancel_backlog.push_front(key);
+                return;
+            }
+            self.unsubmitted = true;
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut();
+        let live = inner.inflight.len() - usize::from(inner.wakeup_armed);
+        if live > 0 {
+            tracing::error!(live, "io_uring dropped with operations in flight; leaking their buffers");
+        }
+        // Whatever is still in flight may be written by the kernel until the
+        // ring fd closes and the requests are torn down: never free it.
+        for (_, entry) in std::mem::take(&mut inner.inflight) {
+            std::mem::forget(entry.op);
+        }
+    }
+}
+
+/// The completion of an operation submitted with [`Ring::submit`]: the
+/// kernel's result and the operation (with its buffer) back.
+pub struct OpFuture {
+    ring: Rc<Ring>,
+    key: usize,
+    done: bool,
+}
+
+impl OpFuture {
+    /// Requests cancellation; the future still resolves (usually with -ECANCELED).
+    pub fn cancel(&self) {
+        if !self.done {
+            self.ring.cancel(self.key);
+        }
+    }
+}
+
+impl Future for OpFuture {
+    type Output = (i32, Op);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, Op)> {
+        assert!(!self.done, "OpFuture polled after completion");
+        let key = self.key;
+        let mut inner = self.ring.inner.borrow_mut();
+        let entry = &mut inner.inflight[key];
+        match &mut entry.waiter {
+            Waiter::Done(res) => {
+                let res = *res;
+                let entry = inner.inflight.remove(key);
+                drop(inner);
+                self.done = true;
+                Poll::Ready((res, entry.op))
+            }
+            Waiter::Future(waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            _ => unreachable!("OpFuture entry in a foreign state"),
+        }
+    }
+}
+
+impl Drop for OpFuture {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut inner = self.ring.inner.borrow_mut();
+        let entry = &mut inner.inflight[self.key];
+        if let Waiter::Done(_) = entry.waiter {
+            // Completed but never collected: the kernel is done with it.
+            inner.inflight.remove(self.key);
+            return;
+        }
+        entry.waiter = Waiter::Abandoned;
+        inner.push_cancel(self.key);
+    }
+}
+
+#[cfg(test)]
+mod uring_tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::os::fd::FromRawFd;
+
+    fn block_on<F: Future>(ring: &Rc<Ring>, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            ring.enter(Some(Some(Duration::from_millis(100))));
+            ring.reap();
+        }
+    }
+
+    fn temp_file(content: &[u8]) -> (tempfile::NamedTempFile, SharedFd) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(content).unwrap();
+        f.flush().unwrap();
+        let fd: OwnedFd = f.reopen().unwrap().into();
+        (f, Arc::new(fd))
+    }
+
+    #[test]
+    fn read_write_roundtrip_through_futures() {
+        let ring = Rc::new(Ring::new(8).unwrap());
+        let (_f, fd) = temp_file(&[0u8; 8192]);
+        let mut buf = IoBuf::new(4096);
+        buf.fill(0x5a);
+        let (res, op) = block_on(&ring, ring.submit(Op::Write { fd: fd.clone(), offset: 4096, buf, at: 0, len: 4096, fua: false }));
+        assert_eq!(res, 4096);
+        drop(op);
+        let (res, op) = block_on(&ring, ring.submit(Op::Read { fd, offset: 4096, buf: IoBuf::new(4096), at: 0, len: 4096 }));
+        assert_eq!(res, 4096);
+        assert!(op.into_buf().unwrap().iter().all(|&b| b == 0x5a));
+        assert_eq!(ring.inflight(), 0);
+    }
+
+    #[test]
+    fn callbacks_receive_the_buffer_back() {
+        struct Cb(RefCell<Vec<(u64, i32, usize)>>);
+        impl OpCallback for Cb {
+            fn op_done(&self, tag: u64, res: i32, op: Op) {
+                self.0.borrow_mut().push((tag, res, op.into_buf().map_or(0, |b| b.len())));
+            }
+        }
+        let ring = Rc::new(Ring::new(4).unwrap());
+        let (_f, fd) = temp_file(&[1u8; 65536]);
+        let cb = Rc::new(Cb(RefCell::new(Vec::new())));
+        // More operations than SQ slots: the backlog must carry the rest.
+        for i in 0..16u64 {
+            ring.submit_with(Op::Read { fd: fd.clone(), offset: i * 4096, buf: IoBuf::new(4096), at: 0, len: 4096 }, cb.clone(), i);
+        }
+        while cb.0.borrow().len() < 16 {
+            ring.enter(Some(Some(Duration::from_millis(100))));
+            ring.reap();
+        }
+        let mut got = cb.0.borrow().clone();
+        got.sort();
+        assert_eq!(got, (0..16).map(|i| (i, 4096, 4096)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn errors_arrive_as_completions() {
+        let ring = Rc::new(Ring::new(4).unwrap());
+        // A read on a write-only pipe end fails with EBADF.
+        let mut fds = [0; 2];
+        // SAFETY (test): pipe fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY (test): fds[0], fds[1] are fresh descriptors owned from here on.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (res, _) = block_on(&ring, ring.submit(Op::Read { fd: Arc::new(w), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 }));
+        assert_eq!(res, -libc::EBADF);
+        drop(r);
+    }
+
+    #[test]
+    fn abandoned_read_keeps_buffer_until_completion() {
+        // A read on an empty pipe never completes by itself. Dropping its
+        // future must neither free the buffer nor lose track of the entry:
+        // the entry stays in the table (abandoned) until the cancel's CQE.
+        let ring = Rc::new(Ring::new(4).unwrap());
+        let mut fds = [0; 2];
+        // SAFETY (test): pipe fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY (test): fresh descriptors owned from here on.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let fut = ring.submit(Op::Read { fd: Arc::new(r), offset: u64::MAX, buf: IoBuf::new(4096), at: 0, len: 4096 });
+        ring.enter(None);
+        drop(fut);
+        assert_eq!(ring.inflight(), 1, "abandoned op must stay in flight until its CQE");
+        for _ in 0..50 {
+            ring.enter(Some(Some(Duration::from_millis(20))));
+            ring.reap();
+            if ring.inflight() == 0 {
+                break;
+            }
+        }
+        assert_eq!(ring.inflight(), 0, "cancelled op must be released at its CQE");
+        drop(w);
+    }
+}
