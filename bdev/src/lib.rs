@@ -1,1 +1,42 @@
+//! Spindle's block device layer.
+//!
+//! ```text
+//!            users (NBD exports, jobs, x-debug-io, perf)
+//!                              │  Io + Done
+//!                    ┌─────────▼──────────┐
+//!                    │ BlockChannel       │ bounds, read-only, discard /
+//!                    │ (channel.rs)       │ detect-zeroes, alignment bounce
+//!                    └─────────┬──────────┘
+//!                  dyn Channel │ one per (node, reactor)
+//!        ┌─────────────────────┼──────────────────────┐
+//!   file (io_uring)      malloc (RAM)           null-co (nothing)
+//! ```
+//!
+//! - [`io`]: the request ([`Io`]) and completion ([`Done`]) types, block status.
+//! - [`bdev`]: the device trait ([`Bdev`], control plane) and channel trait
+//!   ([`Channel`], data plane).
+//! - [`channel`]: the common front door and the `async` helpers.
+//! - [`graph`]: named nodes, children, claims; `blockdev-add`/`-del`.
+//! - [`options`]: QEMU-shaped option reading.
+//! - [`drivers`]: `file`, `malloc`, `null-co`.
+//!
+//! Completions are never delivered inside `submit`; every failure travels
+//! the completion path.
 
+#![forbid(unsafe_code)]
+
+mod align;
+pub mod bdev;
+pub mod channel;
+pub mod drivers;
+pub mod error;
+pub mod graph;
+pub mod io;
+pub mod options;
+
+pub use bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
+pub use channel::{BlockChannel, ChannelPolicy, IO_BYTES_MAX, IoFuture};
+pub use error::{BdevError, IoError};
+pub use graph::{Access, Child, Claim, Graph, Node, OpenCtx, OpenFn};
+pub use io::{BlockStatus, Done, Io, IoDone, IoFlags, IoKind};
+pub use options::{CommonOptions, DetectZeroes, DirectMode, DiscardMode, OptReader};

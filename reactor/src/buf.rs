@@ -84,7 +84,11 @@ impl IoBuf {
 
     /// Changes the logical length; `len` must not exceed the capacity.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "IoBuf::set_len {len} beyond capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "IoBuf::set_len {len} beyond capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 
@@ -122,7 +126,10 @@ impl std::ops::DerefMut for IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoBuf").field("len", &self.len).field("cap", &self.cap).finish()
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
     }
 }
 
@@ -132,7 +139,11 @@ impl Drop for IoBuf {
         let cap = self.cap;
         // During thread teardown the pool may already be gone: free directly.
         let kept = POOL
-            .try_with(|p| p.try_borrow_mut().map(|mut p| p.put(ptr, cap)).unwrap_or(false))
+            .try_with(|p| {
+                p.try_borrow_mut()
+                    .map(|mut p| p.put(ptr, cap))
+                    .unwrap_or(false)
+            })
             .unwrap_or(false);
         if !kept {
             dealloc(ptr, cap);
@@ -189,7 +200,9 @@ impl BufPool {
 
     /// Keeps the buffer if its class has room; false means the caller frees it.
     fn put(&mut self, ptr: NonNull<u8>, cap: usize) -> bool {
-        let Some(idx) = class_index(cap) else { return false };
+        let Some(idx) = class_index(cap) else {
+            return false;
+        };
         let keep_max = (POOL_CLASS_CACHE_BYTES / cap).max(POOL_CLASS_CACHE_MIN);
         let class = &mut self.classes[idx];
         if class.len() >= keep_max {
@@ -237,7 +250,10 @@ impl MemRegion {
     /// Maps `len` bytes of zeroed, lazily committed memory.
     pub fn new(len: usize) -> std::io::Result<MemRegion> {
         if len == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "size must be non-zero"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "size must be non-zero",
+            ));
         }
         // SAFETY: a fresh private anonymous mapping touches no existing memory.
         let ptr = unsafe {
@@ -278,14 +294,22 @@ impl MemRegion {
         self.check(offset, dst.len());
         // SAFETY: the range is inside the mapping (checked above), dst is a
         // distinct Rust buffer, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
     }
 
     /// Copies `src` into the region at `offset`.
     pub fn write(&self, offset: usize, src: &[u8]) {
         self.check(offset, src.len());
         // SAFETY: in bounds (checked above); src is a Rust buffer outside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        }
     }
 
     /// Sets `len` bytes at `offset` to zero.
@@ -327,7 +351,13 @@ impl MemRegion {
         // SAFETY: [start, end) is page aligned and inside the private
         // anonymous mapping; MADV_DONTNEED on it only drops its pages, which
         // read back as zero, exactly the semantics we want.
-        let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(start).cast(), end - start, libc::MADV_DONTNEED) };
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                end - start,
+                libc::MADV_DONTNEED,
+            )
+        };
         if rc != 0 {
             self.zero(start, end - start);
         }
@@ -361,7 +391,11 @@ mod tests {
         let p = a.as_mut_ptr();
         drop(a);
         let mut b = IoBuf::new(5000);
-        assert_eq!(b.as_mut_ptr(), p, "class 8 KiB buffer should come back from the pool");
+        assert_eq!(
+            b.as_mut_ptr(),
+            p,
+            "class 8 KiB buffer should come back from the pool"
+        );
     }
 
     #[test]

@@ -50,7 +50,8 @@ impl Wake for TaskWaker {
             current().executor().schedule(self.task);
         } else {
             let task = self.task;
-            self.reactor.post(Box::new(move || current().executor().schedule(task)));
+            self.reactor
+                .post(Box::new(move || current().executor().schedule(task)));
         }
     }
 }
@@ -71,9 +72,18 @@ impl Executor {
         let mut tasks = self.tasks.borrow_mut();
         let entry = tasks.vacant_entry();
         let task = entry.key();
-        let wake_state = Arc::new(TaskWaker { reactor: Arc::clone(shared), task, queued: AtomicBool::new(true) });
+        let wake_state = Arc::new(TaskWaker {
+            reactor: Arc::clone(shared),
+            task,
+            queued: AtomicBool::new(true),
+        });
         let waker = Waker::from(Arc::clone(&wake_state));
-        entry.insert(TaskSlot { fut: Some(fut), waker, wake_state, generation });
+        entry.insert(TaskSlot {
+            fut: Some(fut),
+            waker,
+            wake_state,
+            generation,
+        });
         self.ready.borrow_mut().push_back(task);
         (task, generation)
     }
@@ -116,7 +126,9 @@ impl Executor {
         loop {
             let slot = {
                 let mut tasks = self.tasks.borrow_mut();
-                let Some(key) = tasks.iter().map(|(k, _)| k).next() else { break };
+                let Some(key) = tasks.iter().map(|(k, _)| k).next() else {
+                    break;
+                };
                 tasks.remove(key)
             };
             drop(slot);
@@ -144,7 +156,9 @@ impl Executor {
     fn poll_task(&self, task: usize) {
         let (mut fut, waker, generation) = {
             let mut tasks = self.tasks.borrow_mut();
-            let Some(slot) = tasks.get_mut(task) else { return };
+            let Some(slot) = tasks.get_mut(task) else {
+                return;
+            };
             let Some(fut) = slot.fut.take() else { return };
             slot.wake_state.queued.store(false, Ordering::Release);
             (fut, slot.waker.clone(), slot.generation)
@@ -216,7 +230,10 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
-    let state = Rc::new(RefCell::new(JoinState { result: None, waker: None }));
+    let state = Rc::new(RefCell::new(JoinState {
+        result: None,
+        waker: None,
+    }));
     let st = Rc::clone(&state);
     let wrapped = async move {
         let v = fut.await;
@@ -230,8 +247,14 @@ where
         }
     };
     let reactor = current();
-    let (task, generation) = reactor.executor().spawn(reactor.shared(), Box::pin(wrapped));
-    JoinHandle { state, task, generation }
+    let (task, generation) = reactor
+        .executor()
+        .spawn(reactor.shared(), Box::pin(wrapped));
+    JoinHandle {
+        state,
+        task,
+        generation,
+    }
 }
 
 /// Yields once, letting other tasks, messages and completions run.

@@ -38,7 +38,9 @@ pub use buf::{IO_ALIGN, IoBuf, MemRegion};
 pub use executor::{JoinHandle, spawn_local, yield_now};
 pub use group::{Reactors, StartError};
 pub use poller::{PollStatus, PollerId};
-pub use reactor::{Handle, PollMode, Reactor, ReactorOptions, ReactorStats, current, defer, try_current};
+pub use reactor::{
+    Handle, PollMode, Reactor, ReactorOptions, ReactorStats, current, defer, try_current,
+};
 pub use reply::{Canceled, Reply, ReplyTx, WaitError, reply};
 pub use timer::{Elapsed, sleep, sleep_until, timeout};
 pub use uring::{Op, OpCallback, OpFuture, Ring, SharedFd};

@@ -24,7 +24,11 @@ pub enum PollStatus {
 
 impl PollStatus {
     pub fn from_busy(busy: bool) -> PollStatus {
-        if busy { PollStatus::Busy } else { PollStatus::Idle }
+        if busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
     }
 }
 
@@ -79,14 +83,19 @@ impl Pollers {
                 self.active.borrow_mut().push(id);
                 self.active_gen.set(self.active_gen.get() + 1);
             }
-            Some(p) => self.timed.borrow_mut().push(Reverse((Instant::now() + p, id))),
+            Some(p) => self
+                .timed
+                .borrow_mut()
+                .push(Reverse((Instant::now() + p, id))),
         }
         PollerId(id)
     }
 
     pub(crate) fn unregister(&self, id: PollerId) {
         let mut slots = self.slots.borrow_mut();
-        let Some(slot) = slots.get_mut(id.0) else { return };
+        let Some(slot) = slots.get_mut(id.0) else {
+            return;
+        };
         if slot.f.is_none() {
             // Running right now: removed when it returns.
             slot.unregistered = true;
@@ -121,7 +130,9 @@ impl Pollers {
             let id = {
                 let mut timed = self.timed.borrow_mut();
                 match timed.peek() {
-                    Some(Reverse((due, _))) if *due <= now => timed.pop().map(|Reverse((_, id))| id),
+                    Some(Reverse((due, _))) if *due <= now => {
+                        timed.pop().map(|Reverse((_, id))| id)
+                    }
                     _ => None,
                 }
             };
@@ -170,7 +181,12 @@ impl Pollers {
         self.slots
             .borrow()
             .iter()
-            .map(|(_, s)| PollerInfo { name: s.name.clone(), period: s.period, runs: s.runs, busy_runs: s.busy_runs })
+            .map(|(_, s)| PollerInfo {
+                name: s.name.clone(),
+                period: s.period,
+                runs: s.runs,
+                busy_runs: s.busy_runs,
+            })
             .collect()
     }
 

@@ -65,7 +65,9 @@ impl std::str::FromStr for PollMode {
             "adaptive" => Ok(PollMode::Adaptive),
             "poll" => Ok(PollMode::Poll),
             "interrupt" => Ok(PollMode::Interrupt),
-            other => Err(format!("poll mode '{other}' is not one of adaptive, poll, interrupt")),
+            other => Err(format!(
+                "poll mode '{other}' is not one of adaptive, poll, interrupt"
+            )),
         }
     }
 }
@@ -91,7 +93,11 @@ pub struct ReactorOptions {
 
 impl Default for ReactorOptions {
     fn default() -> Self {
-        ReactorOptions { poll_mode: PollMode::Adaptive, idle_spin: Duration::from_micros(50), ring_entries: RING_ENTRIES }
+        ReactorOptions {
+            poll_mode: PollMode::Adaptive,
+            idle_spin: Duration::from_micros(50),
+            ring_entries: RING_ENTRIES,
+        }
     }
 }
 
@@ -132,7 +138,14 @@ impl Shared {
     /// Delivers a message from any thread.
     pub(crate) fn post(self: &Arc<Self>, msg: Msg) {
         match self.inbox.push(msg) {
-            Ok(()) => self.notify(),
+            Ok(()) => {
+                self.notify();
+                if self.stop.load(Ordering::Acquire) {
+                    // The reactor is gone or going: nothing will run this,
+                    // so drop it now and let any reply it carries cancel.
+                    while self.inbox.pop().is_some() {}
+                }
+            }
             Err(msg) => match try_current() {
                 // A reactor never blocks: keep it in its outbox and retry every tick.
                 Some(r) => r.outbox.borrow_mut().push_back((Arc::clone(self), msg)),
@@ -178,7 +191,10 @@ pub struct Handle {
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handle").field("id", &self.shared.id).field("core", &self.shared.core).finish()
+        f.debug_struct("Handle")
+            .field("id", &self.shared.id)
+            .field("core", &self.shared.core)
+            .finish()
     }
 }
 
@@ -298,9 +314,10 @@ impl Reactor {
     /// Creates a reactor on the calling thread (its ring belongs to this thread).
     pub fn new(core: Option<usize>, options: ReactorOptions) -> std::io::Result<Rc<Reactor>> {
         let ring = Rc::new(Ring::new(options.ring_entries)?);
-        let efd: std::os::fd::OwnedFd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(std::io::Error::from)?
-            .into();
+        let efd: std::os::fd::OwnedFd =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(std::io::Error::from)?
+                .into();
         let shared = Arc::new(Shared {
             id: NEXT_REACTOR_ID.fetch_add(1, Ordering::Relaxed),
             core,
@@ -326,7 +343,9 @@ impl Reactor {
     }
 
     pub fn handle(&self) -> Handle {
-        Handle { shared: Arc::clone(&self.shared) }
+        Handle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     pub fn id(&self) -> usize {
@@ -373,7 +392,12 @@ impl Reactor {
     }
 
     /// Registers a poller run every `period`.
-    pub fn register_timed_poller(&self, name: &str, period: Duration, f: impl FnMut() -> PollStatus + 'static) -> PollerId {
+    pub fn register_timed_poller(
+        &self,
+        name: &str,
+        period: Duration,
+        f: impl FnMut() -> PollStatus + 'static,
+    ) -> PollerId {
         self.pollers.register(name, Some(period), Box::new(f))
     }
 
@@ -430,7 +454,9 @@ impl Reactor {
         }
         let n = outbox.len();
         for _ in 0..n {
-            let Some((target, msg)) = outbox.pop_front() else { break };
+            let Some((target, msg)) = outbox.pop_front() else {
+                break;
+            };
             match target.inbox.push(msg) {
                 Ok(()) => target.notify(),
                 Err(msg) => outbox.push_back((target, msg)),
@@ -442,12 +468,17 @@ impl Reactor {
     fn run_messages(&self) -> bool {
         let mut n = 0;
         while n < MSGS_PER_TICK_MAX {
-            let Some(msg) = self.shared.inbox.pop() else { break };
+            let Some(msg) = self.shared.inbox.pop() else {
+                break;
+            };
             msg();
             n += 1;
         }
         if n > 0 {
-            self.shared.stats.msgs.fetch_add(n as u64, Ordering::Relaxed);
+            self.shared
+                .stats
+                .msgs
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         n > 0
     }
@@ -457,7 +488,9 @@ impl Reactor {
         // run next tick, so the loop cannot spin inside this step.
         let n = self.deferred.borrow().len();
         for _ in 0..n {
-            let Some(f) = self.deferred.borrow_mut().pop_front() else { break };
+            let Some(f) = self.deferred.borrow_mut().pop_front() else {
+                break;
+            };
             f();
         }
         n > 0
@@ -489,7 +522,9 @@ impl Reactor {
             self.shared.sleeping.store(false, Ordering::Relaxed);
             return;
         }
-        let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+        let timeout = self
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
         self.shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         self.ring.enter(Some(timeout));
         self.shared.sleeping.store(false, Ordering::Relaxed);
@@ -537,7 +572,10 @@ impl Reactor {
         }
         let mut handle = std::pin::pin!(handle);
         let waker = std::task::Waker::noop();
-        match handle.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        match handle
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+        {
             std::task::Poll::Ready(v) => v,
             std::task::Poll::Pending => unreachable!("finished task without output"),
         }
@@ -560,7 +598,11 @@ impl Reactor {
             self.shared.kick();
         }
         if self.ring.inflight() > 0 {
-            tracing::error!(reactor = self.id(), inflight = self.ring.inflight(), "reactor stopped with I/O still in flight");
+            tracing::error!(
+                reactor = self.id(),
+                inflight = self.ring.inflight(),
+                "reactor stopped with I/O still in flight"
+            );
         }
     }
 }

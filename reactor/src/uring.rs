@@ -47,27 +47,66 @@ pub enum Op {
     Nop,
     /// Read `len` bytes at file `offset` into `buf[at..at + len]`.
     /// An offset of `u64::MAX` reads at the file position (pipes, eventfds).
-    Read { fd: SharedFd, offset: u64, buf: IoBuf, at: usize, len: usize },
+    Read {
+        fd: SharedFd,
+        offset: u64,
+        buf: IoBuf,
+        at: usize,
+        len: usize,
+    },
     /// Write `buf[at..at + len]` at file `offset`; `fua` makes it durable
     /// before completion (RWF_DSYNC).
-    Write { fd: SharedFd, offset: u64, buf: IoBuf, at: usize, len: usize, fua: bool },
-    Fsync { fd: SharedFd, datasync: bool },
-    Fallocate { fd: SharedFd, mode: i32, offset: u64, len: u64 },
+    Write {
+        fd: SharedFd,
+        offset: u64,
+        buf: IoBuf,
+        at: usize,
+        len: usize,
+        fua: bool,
+    },
+    Fsync {
+        fd: SharedFd,
+        datasync: bool,
+    },
+    Fallocate {
+        fd: SharedFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
     /// Receive into `buf[at..at + len]` from a socket.
-    Recv { fd: SharedFd, buf: IoBuf, at: usize, len: usize },
+    Recv {
+        fd: SharedFd,
+        buf: IoBuf,
+        at: usize,
+        len: usize,
+    },
     /// Send `buf[at..at + len]` on a socket (never raises SIGPIPE).
-    Send { fd: SharedFd, buf: IoBuf, at: usize, len: usize },
+    Send {
+        fd: SharedFd,
+        buf: IoBuf,
+        at: usize,
+        len: usize,
+    },
     /// Accept a connection; the result is the new descriptor.
-    Accept { fd: SharedFd },
+    Accept {
+        fd: SharedFd,
+    },
     /// Wait until the descriptor is ready for `events` (POLLIN, ...).
-    PollAdd { fd: SharedFd, events: u32 },
+    PollAdd {
+        fd: SharedFd,
+        events: u32,
+    },
 }
 
 impl Op {
     /// The buffer the operation owned, now that the kernel is done with it.
     pub fn into_buf(self) -> Option<IoBuf> {
         match self {
-            Op::Read { buf, .. } | Op::Write { buf, .. } | Op::Recv { buf, .. } | Op::Send { buf, .. } => Some(buf),
+            Op::Read { buf, .. }
+            | Op::Write { buf, .. }
+            | Op::Recv { buf, .. }
+            | Op::Send { buf, .. } => Some(buf),
             _ => None,
         }
     }
@@ -79,7 +118,8 @@ impl Op {
             | Op::Recv { buf, at, len, .. }
             | Op::Send { buf, at, len, .. } => {
                 assert!(
-                    at.checked_add(*len).is_some_and(|end| end <= buf.capacity()),
+                    at.checked_add(*len)
+                        .is_some_and(|end| end <= buf.capacity()),
                     "uring op range {at}+{len} beyond buffer capacity {}",
                     buf.capacity()
                 );
@@ -94,13 +134,28 @@ impl Op {
     fn entry(&mut self) -> squeue::Entry {
         match self {
             Op::Nop => opcode::Nop::new().build(),
-            Op::Read { fd, offset, buf, at, len } => {
+            Op::Read {
+                fd,
+                offset,
+                buf,
+                at,
+                len,
+            } => {
                 // SAFETY: check() established at + len <= capacity, so the
                 // offset pointer stays inside the allocation.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
-                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).offset(*offset).build()
+                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32)
+                    .offset(*offset)
+                    .build()
             }
-            Op::Write { fd, offset, buf, at, len, fua } => {
+            Op::Write {
+                fd,
+                offset,
+                buf,
+                at,
+                len,
+                fua,
+            } => {
                 // SAFETY: as for Read.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
@@ -110,12 +165,24 @@ impl Op {
                     .build()
             }
             Op::Fsync { fd, datasync } => {
-                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
-                opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(flags).build()
+                let flags = if *datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+                    .flags(flags)
+                    .build()
             }
-            Op::Fallocate { fd, mode, offset, len } => {
-                opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), *len).offset(*offset).mode(*mode).build()
-            }
+            Op::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), *len)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
             Op::Recv { fd, buf, at, len } => {
                 // SAFETY: as for Read.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
@@ -128,10 +195,16 @@ impl Op {
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
             }
-            Op::Accept { fd } => opcode::Accept::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(libc::SOCK_CLOEXEC)
-                .build(),
-            Op::PollAdd { fd, events } => opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build(),
+            Op::Accept { fd } => opcode::Accept::new(
+                types::Fd(fd.as_raw_fd()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(libc::SOCK_CLOEXEC)
+            .build(),
+            Op::PollAdd { fd, events } => {
+                opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build()
+            }
         }
     }
 }
@@ -203,7 +276,9 @@ impl Ring {
                 )
             })?;
         if !ring.params().is_feature_ext_arg() {
-            return Err(io::Error::other("kernel lacks IORING_FEAT_EXT_ARG (Linux 5.11 or newer is needed)"));
+            return Err(io::Error::other(
+                "kernel lacks IORING_FEAT_EXT_ARG (Linux 5.11 or newer is needed)",
+            ));
         }
         Ok(Ring {
             inner: RefCell::new(RingInner {
@@ -227,7 +302,11 @@ impl Ring {
     /// Submits `op` and returns a future for its completion.
     pub fn submit(self: &Rc<Self>, op: Op) -> OpFuture {
         let key = self.queue(op, Waiter::Future(None));
-        OpFuture { ring: Rc::clone(self), key, done: false }
+        OpFuture {
+            ring: Rc::clone(self),
+            key,
+            done: false,
+        }
     }
 
     fn queue(&self, op: Op, waiter: Waiter) -> usize {
@@ -261,8 +340,17 @@ impl Ring {
             return;
         }
         inner.wakeup_armed = true;
-        let op = Op::Read { fd: Arc::clone(eventfd), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 };
-        let key = inner.inflight.insert(Inflight { op, waiter: Waiter::Wakeup });
+        let op = Op::Read {
+            fd: Arc::clone(eventfd),
+            offset: u64::MAX,
+            buf: IoBuf::new(8),
+            at: 0,
+            len: 8,
+        };
+        let key = inner.inflight.insert(Inflight {
+            op,
+            waiter: Waiter::Wakeup,
+        });
         inner.push(key);
     }
 
@@ -388,7 +476,9 @@ impl RingInner {
     }
 
     fn push_cancel(&mut self, key: usize) {
-        let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
+        let entry = opcode::AsyncCancel::new(key as u64)
+            .build()
+            .user_data(CANCEL_USER_DATA);
         // SAFETY: a cancel SQE carries no pointers, only the target's user_data.
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
             self.unsubmitted = true;
@@ -408,7 +498,9 @@ impl RingInner {
             if !self.inflight.contains(key) {
                 continue;
             }
-            let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
+            let entry = opcode::AsyncCancel::new(key as u64)
+                .build()
+                .user_data(CANCEL_USER_DATA);
             // SAFETY: a cancel SQE carries no pointers.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
                 self.cancel_backlog.push_front(key);
@@ -424,7 +516,10 @@ impl Drop for Ring {
         let inner = self.inner.get_mut();
         let live = inner.inflight.len() - usize::from(inner.wakeup_armed);
         if live > 0 {
-            tracing::error!(live, "io_uring dropped with operations in flight; leaking their buffers");
+            tracing::error!(
+                live,
+                "io_uring dropped with operations in flight; leaking their buffers"
+            );
         }
         // Whatever is still in flight may be written by the kernel until the
         // ring fd closes and the requests are torn down: never free it.
@@ -529,10 +624,29 @@ mod uring_tests {
         let (_f, fd) = temp_file(&[0u8; 8192]);
         let mut buf = IoBuf::new(4096);
         buf.fill(0x5a);
-        let (res, op) = block_on(&ring, ring.submit(Op::Write { fd: fd.clone(), offset: 4096, buf, at: 0, len: 4096, fua: false }));
+        let (res, op) = block_on(
+            &ring,
+            ring.submit(Op::Write {
+                fd: fd.clone(),
+                offset: 4096,
+                buf,
+                at: 0,
+                len: 4096,
+                fua: false,
+            }),
+        );
         assert_eq!(res, 4096);
         drop(op);
-        let (res, op) = block_on(&ring, ring.submit(Op::Read { fd, offset: 4096, buf: IoBuf::new(4096), at: 0, len: 4096 }));
+        let (res, op) = block_on(
+            &ring,
+            ring.submit(Op::Read {
+                fd,
+                offset: 4096,
+                buf: IoBuf::new(4096),
+                at: 0,
+                len: 4096,
+            }),
+        );
         assert_eq!(res, 4096);
         assert!(op.into_buf().unwrap().iter().all(|&b| b == 0x5a));
         assert_eq!(ring.inflight(), 0);
@@ -543,7 +657,9 @@ mod uring_tests {
         struct Cb(RefCell<Vec<(u64, i32, usize)>>);
         impl OpCallback for Cb {
             fn op_done(&self, tag: u64, res: i32, op: Op) {
-                self.0.borrow_mut().push((tag, res, op.into_buf().map_or(0, |b| b.len())));
+                self.0
+                    .borrow_mut()
+                    .push((tag, res, op.into_buf().map_or(0, |b| b.len())));
             }
         }
         let ring = Rc::new(Ring::new(4).unwrap());
@@ -551,7 +667,17 @@ mod uring_tests {
         let cb = Rc::new(Cb(RefCell::new(Vec::new())));
         // More operations than SQ slots: the backlog must carry the rest.
         for i in 0..16u64 {
-            ring.submit_with(Op::Read { fd: fd.clone(), offset: i * 4096, buf: IoBuf::new(4096), at: 0, len: 4096 }, cb.clone(), i);
+            ring.submit_with(
+                Op::Read {
+                    fd: fd.clone(),
+                    offset: i * 4096,
+                    buf: IoBuf::new(4096),
+                    at: 0,
+                    len: 4096,
+                },
+                cb.clone(),
+                i,
+            );
         }
         while cb.0.borrow().len() < 16 {
             ring.enter(Some(Some(Duration::from_millis(100))));
@@ -571,7 +697,16 @@ mod uring_tests {
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         // SAFETY (test): fds[0], fds[1] are fresh descriptors owned from here on.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let (res, _) = block_on(&ring, ring.submit(Op::Read { fd: Arc::new(w), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 }));
+        let (res, _) = block_on(
+            &ring,
+            ring.submit(Op::Read {
+                fd: Arc::new(w),
+                offset: u64::MAX,
+                buf: IoBuf::new(8),
+                at: 0,
+                len: 8,
+            }),
+        );
         assert_eq!(res, -libc::EBADF);
         drop(r);
     }
@@ -587,10 +722,20 @@ mod uring_tests {
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         // SAFETY (test): fresh descriptors owned from here on.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let fut = ring.submit(Op::Read { fd: Arc::new(r), offset: u64::MAX, buf: IoBuf::new(4096), at: 0, len: 4096 });
+        let fut = ring.submit(Op::Read {
+            fd: Arc::new(r),
+            offset: u64::MAX,
+            buf: IoBuf::new(4096),
+            at: 0,
+            len: 4096,
+        });
         ring.enter(None);
         drop(fut);
-        assert_eq!(ring.inflight(), 1, "abandoned op must stay in flight until its CQE");
+        assert_eq!(
+            ring.inflight(),
+            1,
+            "abandoned op must stay in flight until its CQE"
+        );
         for _ in 0..50 {
             ring.enter(Some(Some(Duration::from_millis(20))));
             ring.reap();
@@ -598,7 +743,11 @@ mod uring_tests {
                 break;
             }
         }
-        assert_eq!(ring.inflight(), 0, "cancelled op must be released at its CQE");
+        assert_eq!(
+            ring.inflight(),
+            0,
+            "cancelled op must be released at its CQE"
+        );
         drop(w);
     }
 }

@@ -1,0 +1,75 @@
+//! The device trait (control plane) and the channel trait (data plane).
+//!
+//! A [`Bdev`] is shared by every reactor and rarely called: it describes
+//! the device and creates channels. A [`Channel`] belongs to one reactor and
+//! carries that reactor's I/O; channels of different reactors share nothing
+//! mutable. A driver whose state cannot be shared (a format driver with
+//! metadata caches) gives non-home reactors a channel that forwards to its
+//! home reactor; a driver that can (files, RAM) does I/O on every reactor.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::error::{BdevError, IoError};
+use crate::io::{BlockStatus, Done, Io};
+
+/// A future on one reactor, boxed (control path and slow paths only).
+pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// A block device: the control-plane half of a driver.
+pub trait Bdev: Send + Sync + 'static {
+    /// The driver name, as in `blockdev-add` (`file`, `null-co`, `malloc`, ...).
+    fn driver(&self) -> &'static str;
+
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Alignment every request's offset and length must have (a power of
+    /// two; 1 = byte granular). The common layer bounces unaligned requests.
+    fn block_size(&self) -> u32;
+
+    /// Writes are refused.
+    fn read_only(&self) -> bool;
+
+    /// Creates the channel for the calling reactor.
+    fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError>;
+
+    /// Facts for `query-named-block-nodes`.
+    fn info(&self) -> BdevInfo;
+
+    /// Called once, on the main reactor, after the node was flushed and
+    /// before it is dropped: write back anything left (format drivers).
+    fn close(self: Arc<Self>) -> LocalBoxFuture<Result<(), IoError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The data-plane half of a driver on one reactor.
+///
+/// `submit` must not call `done` before returning: completions arrive from
+/// the reactor loop (a poller, a CQE, a deferred callback). Requests reach
+/// the channel already checked by the common layer: inside the device,
+/// aligned to its block size, writes only on writable devices.
+pub trait Channel {
+    fn submit(&self, io: Io, done: Done);
+
+    /// What the range starting at `offset` (at most `len` bytes) holds.
+    fn block_status(&self, offset: u64, len: u64) -> LocalBoxFuture<Result<BlockStatus, IoError>>;
+}
+
+/// Description of a device for queries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BdevInfo {
+    /// File name, or a `json:{...}` description for devices without one (as QEMU prints).
+    pub filename: String,
+    /// O_DIRECT in use.
+    pub direct: bool,
+    /// Flushes are ignored.
+    pub no_flush: bool,
+    /// Bytes the device occupies on its host storage, when known.
+    pub actual_size: Option<u64>,
+    /// Driver-specific facts (`format-specific` in QEMU's ImageInfo).
+    pub format_specific: Option<serde_json::Value>,
+}

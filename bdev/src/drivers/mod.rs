@@ -1,0 +1,17 @@
+//! Built-in drivers. Each opens from `blockdev-add` options through an
+//! [`OpenFn`](crate::graph::OpenFn) registered by name.
+
+pub mod file;
+pub mod malloc;
+pub mod null;
+mod queue;
+pub mod raw;
+
+use crate::graph::Graph;
+
+pub(crate) fn register_builtin(graph: &mut Graph) {
+    graph.register_driver("file", file::open);
+    graph.register_driver("null-co", null::open);
+    graph.register_driver("malloc", malloc::open);
+    graph.register_driver("raw", raw::open);
+}

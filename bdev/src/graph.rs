@@ -1,0 +1,607 @@
+//! The node graph: named nodes, their children, and the claims that keep a
+//! node in use from being deleted or written behind its owner's back.
+//!
+//! The graph belongs to the control plane (one thread changes it). Nodes are
+//! shared (`Arc<Node>`) with reactors, which reach a node's data plane
+//! through [`Node::channel`]. Opening and closing a node runs its
+//! driver's I/O on the main reactor.
+//!
+//! ```text
+//!   Graph ──name──▶ Node "r0" (raw) ──file child (claim: write)──▶ Node "#block001" (file)
+//!                    └─ claims: export "e0" (write), job "j0" (exclusive write)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use reactor::Handle;
+use serde_json::{Value, json};
+
+use crate::bdev::Bdev;
+use crate::channel::{BlockChannel, ChannelPolicy, cached_channel, drop_cached_channel};
+use crate::error::BdevError;
+use crate::options::{CommonOptions, OptReader, validate_node_name};
+
+/// Opens a device for a driver. Reads its own options from the reader and
+/// must call [`OptReader::finish`] before acquiring anything, so a typo
+/// never leaves a half-opened device behind.
+pub type OpenFn = fn(&mut OpenCtx<'_>, OptReader) -> Result<Arc<dyn Bdev>, BdevError>;
+
+static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What a claim allows its holder to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    /// Write, sharing with other writers.
+    Write,
+    /// Write, and nobody else may (a job's target, a mirror source's owner).
+    ExclusiveWrite,
+}
+
+impl Access {
+    fn writes(self) -> bool {
+        !matches!(self, Access::Read)
+    }
+}
+
+#[derive(Debug)]
+struct ClaimEntry {
+    id: u64,
+    holder: String,
+    access: Access,
+}
+
+/// A node in use. Released when dropped.
+pub struct Claim {
+    node: Arc<Node>,
+    id: u64,
+}
+
+impl Claim {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("node", &self.node.name)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.node
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| c.id != self.id);
+    }
+}
+
+/// A child link: the role (`file`, `backing`) and the claim the parent holds.
+#[derive(Debug)]
+pub struct Child {
+    pub role: &'static str,
+    pub claim: Claim,
+}
+
+impl Child {
+    pub fn node(&self) -> &Arc<Node> {
+        self.claim.node()
+    }
+}
+
+/// One node of the graph.
+pub struct Node {
+    id: u64,
+    name: String,
+    bdev: Arc<dyn Bdev>,
+    common: CommonOptions,
+    /// Released (emptied) when the node leaves the graph, whoever still
+    /// holds an `Arc` to it.
+    children: Mutex<Vec<Child>>,
+    /// Created inline as another node's child; deleted with it.
+    implicit: bool,
+    /// The `blockdev-add` arguments that created it (for `save_config`).
+    options: Value,
+    claims: Mutex<Vec<ClaimEntry>>,
+    next_claim: AtomicU64,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.bdev.driver())
+            .finish()
+    }
+}
+
+impl Node {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn driver(&self) -> &'static str {
+        self.bdev.driver()
+    }
+
+    pub fn bdev(&self) -> &Arc<dyn Bdev> {
+        &self.bdev
+    }
+
+    pub fn size(&self) -> u64 {
+        self.bdev.size()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.common.read_only || self.bdev.read_only()
+    }
+
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// The node's children: role and node.
+    pub fn children(&self) -> Vec<(&'static str, Arc<Node>)> {
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| (c.role, Arc::clone(c.node())))
+            .collect()
+    }
+
+    /// Drops the claims this node holds on its children.
+    fn release_children(&self) -> Vec<Arc<Node>> {
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        children.iter().map(|c| Arc::clone(c.node())).collect()
+    }
+
+    pub fn options(&self) -> &Value {
+        &self.options
+    }
+
+    pub fn policy(&self) -> ChannelPolicy {
+        ChannelPolicy {
+            size: self.bdev.size(),
+            block_size: self.bdev.block_size(),
+            read_only: self.read_only(),
+            discard: self.common.discard,
+            detect_zeroes: self.common.detect_zeroes,
+        }
+    }
+
+    /// This node's channel on the current reactor (created on first use).
+    /// Must be called on a reactor thread.
+    pub fn channel(&self) -> Result<BlockChannel, BdevError> {
+        cached_channel(self.id, || {
+            let inner = Arc::clone(&self.bdev).create_channel()?;
+            Ok(BlockChannel::new(inner, self.policy()))
+        })
+    }
+
+    /// Puts the node in use for `holder` (a person-readable name such as
+    /// "export 'e0'"). Fails when the access conflicts with existing claims.
+    pub fn claim(
+        self: &Arc<Self>,
+        holder: impl Into<String>,
+        access: Access,
+    ) -> Result<Claim, BdevError> {
+        let holder = holder.into();
+        if access.writes() && self.read_only() {
+            return Err(BdevError::ReadOnly {
+                name: self.name.clone(),
+                what: holder,
+            });
+        }
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let conflict = claims.iter().find(|c| match access {
+            Access::Read => false,
+            Access::Write => c.access == Access::ExclusiveWrite,
+            Access::ExclusiveWrite => c.access.writes(),
+        });
+        if let Some(c) = conflict {
+            return Err(BdevError::Conflict {
+                name: self.name.clone(),
+                holder: c.holder.clone(),
+            });
+        }
+        let id = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        claims.push(ClaimEntry { id, holder, access });
+        Ok(Claim {
+            node: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Who holds claims on this node.
+    pub fn holders(&self) -> Vec<String> {
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| c.holder.clone())
+            .collect()
+    }
+
+    /// The entry of `query-named-block-nodes` for this node (QEMU's BlockDeviceInfo).
+    pub fn describe(&self) -> Value {
+        let info = self.bdev.info();
+        let mut image = json!({
+            "filename": info.filename,
+            "format": self.driver(),
+            "virtual-size": self.size(),
+            "dirty-flag": false,
+        });
+        if let Some(actual) = info.actual_size {
+            image["actual-size"] = json!(actual);
+        }
+        if let Some(fs) = &info.format_specific {
+            image["format-specific"] = fs.clone();
+        }
+        let mut v = json!({
+            "node-name": self.name,
+            "drv": self.driver(),
+            "ro": self.read_only(),
+            "file": info.filename,
+            "backing_file_depth": 0,
+            "encrypted": false,
+            "detect_zeroes": self.common.detect_zeroes.name(),
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "write_threshold": 0,
+            "active": true,
+            "cache": { "writeback": true, "direct": info.direct, "no-flush": info.no_flush },
+            "image": image,
+        });
+        let children = self.children();
+        if !children.is_empty() {
+            v["children"] = Value::Array(
+                children
+                    .iter()
+                    .map(|(role, n)| json!({"child": role, "node-name": n.name}))
+                    .collect(),
+            );
+        }
+        v
+    }
+}
+
+/// What a driver's open function may use.
+pub struct OpenCtx<'a> {
+    graph: &'a mut Graph,
+    node_name: String,
+    common: CommonOptions,
+    children: Vec<Child>,
+    /// Implicit nodes created for this open, removed again if it fails.
+    created: Vec<String>,
+}
+
+impl OpenCtx<'_> {
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    pub fn common(&self) -> &CommonOptions {
+        &self.common
+    }
+
+    /// The reactor control-plane I/O runs on (header reads at open time).
+    pub fn main_reactor(&self) -> &Handle {
+        &self.graph.main
+    }
+
+    /// Resolves a child reference — a node name, or an inline options object
+    /// (creating an implicit node) — and claims it for this node.
+    pub fn open_child(
+        &mut self,
+        role: &'static str,
+        reference: Value,
+        access: Access,
+    ) -> Result<Arc<Node>, BdevError> {
+        let node = match reference {
+            Value::String(name) => self.graph.get(&name)?,
+            Value::Object(_) => {
+                let node = self.graph.open_node(reference, None)?;
+                self.created.push(node.name.clone());
+                node
+            }
+            _ => {
+                return Err(BdevError::invalid(format!(
+                    "Invalid parameter type for '{role}', expected: BlockdevRef"
+                )));
+            }
+        };
+        let claim = node.claim(format!("node '{}' ({role} child)", self.node_name), access)?;
+        self.children.push(Child { role, claim });
+        Ok(node)
+    }
+}
+
+/// All nodes, by name, and the drivers that open them.
+pub struct Graph {
+    nodes: BTreeMap<String, Arc<Node>>,
+    /// Names in creation order (save_config replays in this order).
+    order: Vec<String>,
+    implicit_seq: u64,
+    drivers: HashMap<&'static str, OpenFn>,
+    main: Handle,
+    reactors: Vec<Handle>,
+}
+
+impl Graph {
+    /// An empty graph whose nodes may be used on `reactors`; control-plane
+    /// I/O runs on the first one.
+    pub fn new(reactors: Vec<Handle>) -> Graph {
+        assert!(!reactors.is_empty(), "a graph needs at least one reactor");
+        let mut g = Graph {
+            nodes: BTreeMap::new(),
+            order: Vec::new(),
+            implicit_seq: 0,
+            drivers: HashMap::new(),
+            main: reactors[0].clone(),
+            reactors,
+        };
+        crate::drivers::register_builtin(&mut g);
+        g
+    }
+
+    pub fn register_driver(&mut self, name: &'static str, open: OpenFn) {
+        self.drivers.insert(name, open);
+    }
+
+    /// Driver names, sorted.
+    pub fn drivers(&self) -> Vec<&'static str> {
+        let mut d: Vec<_> = self.drivers.keys().copied().collect();
+        d.sort_unstable();
+        d
+    }
+
+    pub fn main_reactor(&self) -> &Handle {
+        &self.main
+    }
+
+    pub fn reactors(&self) -> &[Handle] {
+        &self.reactors
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Node>, BdevError> {
+        self.nodes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BdevError::NodeNotFound(name.to_string()))
+    }
+
+    /// Nodes in creation order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.order.iter().filter_map(|n| self.nodes.get(n))
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `blockdev-add`: opens a node (and its inline children) from QEMU-shaped options.
+    pub fn add(&mut self, options: Value) -> Result<Arc<Node>, BdevError> {
+        let name = match options.get("node-name") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(BdevError::invalid(
+                    "Invalid parameter type for 'node-name', expected: string",
+                ));
+            }
+            None => {
+                return Err(BdevError::invalid(
+                    "'node-name' must be specified for the root node",
+                ));
+            }
+        };
+        self.open_node(options, Some(name))
+    }
+
+    fn open_node(&mut self, options: Value, name: Option<String>) -> Result<Arc<Node>, BdevError> {
+        let mut opts = OptReader::new(options.clone())?;
+        let explicit = opts.str_opt("node-name")?;
+        let implicit = name.is_none() && explicit.is_none();
+        let name = match name.or(explicit) {
+            Some(n) => {
+                validate_node_name(&n)?;
+                n
+            }
+            None => {
+                self.implicit_seq += 1;
+                format!("#block{:03}", self.implicit_seq)
+            }
+        };
+        if self.nodes.contains_key(&name) {
+            return Err(BdevError::DuplicateNode(name));
+        }
+        let mut common = CommonOptions::read(&mut opts)?;
+        common.node_name = name.clone();
+        let Some(&open) = self.drivers.get(common.driver.as_str()) else {
+            return Err(BdevError::invalid(format!(
+                "Parameter 'driver' does not accept value '{}'",
+                common.driver
+            )));
+        };
+        let mut ctx = OpenCtx {
+            graph: self,
+            node_name: name.clone(),
+            common: common.clone(),
+            children: Vec::new(),
+            created: Vec::new(),
+        };
+        let opened = open(&mut ctx, opts);
+        let OpenCtx {
+            children, created, ..
+        } = ctx;
+        let bdev = match opened {
+            Ok(b) => b,
+            Err(e) => {
+                drop(children);
+                for n in created.iter().rev() {
+                    if let Err(e2) = self.remove_node(n, true) {
+                        tracing::error!(node = %n, error = %e2, "rolling back an implicit child failed");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if !bdev.block_size().is_power_of_two() {
+            return Err(BdevError::invalid(format!(
+                "driver reported block size {} (not a power of two)",
+                bdev.block_size()
+            )));
+        }
+        let node = Arc::new(Node {
+            id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
+            name: name.clone(),
+            bdev,
+            common,
+            children: Mutex::new(children),
+            implicit,
+            options,
+            claims: Mutex::new(Vec::new()),
+            next_claim: AtomicU64::new(1),
+        });
+        self.nodes.insert(name.clone(), Arc::clone(&node));
+        self.order.push(name);
+        Ok(node)
+    }
+
+    /// `blockdev-del`: closes a node nobody uses, with its implicit children.
+    pub fn remove(&mut self, name: &str) -> Result<(), BdevError> {
+        let node = self.get(name)?;
+        if node.implicit {
+            return Err(BdevError::invalid(format!(
+                "Node '{name}' was created implicitly by its parent; delete the parent instead"
+            )));
+        }
+        self.remove_node(name, false)
+    }
+
+    fn remove_node(&mut self, name: &str, force: bool) -> Result<(), BdevError> {
+        let node = self.get(name)?;
+        let holders = node.holders();
+        if !holders.is_empty() && !force {
+            return Err(BdevError::InUse {
+                name: name.to_string(),
+                holders: holders.join(", "),
+            });
+        }
+        self.nodes.remove(name);
+        self.order.retain(|n| n != name);
+        self.close_node(&node);
+        let implicit_children: Vec<String> = node
+            .release_children()
+            .iter()
+            .filter(|c| c.implicit)
+            .map(|c| c.name.clone())
+            .collect();
+        drop(node);
+        for child in implicit_children {
+            // The parent is gone, so its claim on the child is released.
+            self.remove_node(&child, force)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes a node on the main reactor, then drops its channel
+    /// on every reactor. Errors are logged: the node goes away regardless.
+    fn close_node(&mut self, node: &Arc<Node>) {
+        let id = node.id;
+        let name = node.name.clone();
+        let closing = Arc::clone(node);
+        let result = self.main.run(move || async move {
+            let ch = closing.channel()?;
+            if !closing.read_only() {
+                ch.flush().await.map_err(|source| BdevError::Io {
+                    what: "flush".into(),
+                    source,
+                })?;
+            }
+            Arc::clone(&closing.bdev)
+                .close()
+                .await
+                .map_err(|source| BdevError::Io {
+                    what: "close".into(),
+                    source,
+                })
+        });
+        match result.wait() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(node = %name, error = %e, "closing node failed"),
+            Err(_) => tracing::error!(node = %name, "closing node: reactor stopped"),
+        }
+        for r in &self.reactors {
+            // A stopped reactor has no channels left to drop.
+            let _ = r.call(move || drop_cached_channel(id)).wait();
+        }
+    }
+
+    /// Closes every node, parents before children (daemon shutdown).
+    pub fn close_all(&mut self) {
+        while let Some(name) = self
+            .order
+            .iter()
+            .rev()
+            .find(|n| self.nodes.get(*n).is_some_and(|nd| !nd.implicit))
+            .cloned()
+        {
+            if let Err(e) = self.remove_node(&name, true) {
+                tracing::error!(node = %name, error = %e, "closing node at shutdown failed");
+                self.nodes.remove(&name);
+                self.order.retain(|n| n != &name);
+            }
+        }
+        // Implicit nodes whose parent failed to close.
+        while let Some(name) = self.order.pop() {
+            if let Some(node) = self.nodes.remove(&name) {
+                self.close_node(&node);
+                node.release_children();
+            }
+        }
+    }
+
+    /// `query-named-block-nodes`: newest first, as QEMU lists them.
+    pub fn describe(&self) -> Vec<Value> {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|n| self.nodes.get(n))
+            .map(|n| n.describe())
+            .collect()
+    }
+
+    /// The `blockdev-add` calls that recreate the explicit nodes, in an
+    /// order where every referenced node exists before its users.
+    pub fn save_config(&self) -> Vec<Value> {
+        self.nodes()
+            .filter(|n| !n.implicit)
+            .map(|n| json!({"method": "blockdev-add", "params": n.options}))
+            .collect()
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if !self.nodes.is_empty() {
+            self.close_all();
+        }
+    }
+}
