@@ -73,7 +73,7 @@ pub enum BdevError {
     /// Bad options: the message names the parameter.
     #[error("{0}")]
     InvalidParam(String),
-    #[error("Cannot find node '{0}'")]
+    #[error("Failed to find node with node-name='{0}'")]
     NodeNotFound(String),
     #[error("Duplicate nodes with node-name='{0}'")]
     DuplicateNode(String),

@@ -158,7 +158,7 @@ fn nodes_in_use_cannot_be_deleted() {
     env.graph.remove("f0").unwrap();
     assert_eq!(
         env.graph.remove("f0").unwrap_err().to_string(),
-        "Cannot find node 'f0'"
+        "Failed to find node with node-name='f0'"
     );
 }
 

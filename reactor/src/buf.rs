@@ -281,6 +281,11 @@ impl MemRegion {
         self.len == 0
     }
 
+    /// Address of byte `offset` (bounds are checked by the callers).
+    fn at(&self, offset: usize) -> *mut u8 {
+        self.ptr.as_ptr().wrapping_add(offset)
+    }
+
     fn check(&self, offset: usize, len: usize) {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len),
@@ -294,29 +299,21 @@ impl MemRegion {
         self.check(offset, dst.len());
         // SAFETY: the range is inside the mapping (checked above), dst is a
         // distinct Rust buffer, so the ranges do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        }
+        unsafe { std::ptr::copy_nonoverlapping(self.at(offset), dst.as_mut_ptr(), dst.len()) }
     }
 
     /// Copies `src` into the region at `offset`.
     pub fn write(&self, offset: usize, src: &[u8]) {
         self.check(offset, src.len());
         // SAFETY: in bounds (checked above); src is a Rust buffer outside the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
-        }
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.at(offset), src.len()) }
     }
 
     /// Sets `len` bytes at `offset` to zero.
     pub fn zero(&self, offset: usize, len: usize) {
         self.check(offset, len);
         // SAFETY: in bounds (checked above).
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), 0, len) }
+        unsafe { std::ptr::write_bytes(self.at(offset), 0, len) }
     }
 
     /// True when every byte of the range is zero (used for block status).
@@ -351,13 +348,7 @@ impl MemRegion {
         // SAFETY: [start, end) is page aligned and inside the private
         // anonymous mapping; MADV_DONTNEED on it only drops its pages, which
         // read back as zero, exactly the semantics we want.
-        let rc = unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().add(start).cast(),
-                end - start,
-                libc::MADV_DONTNEED,
-            )
-        };
+        let rc = unsafe { libc::madvise(self.at(start).cast(), end - start, libc::MADV_DONTNEED) };
         if rc != 0 {
             self.zero(start, end - start);
         }

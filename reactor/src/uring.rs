@@ -595,7 +595,6 @@ impl Drop for OpFuture {
 mod uring_tests {
     use super::*;
     use std::io::Write as _;
-    use std::os::fd::FromRawFd;
 
     fn block_on<F: Future>(ring: &Rc<Ring>, fut: F) -> F::Output {
         let mut fut = std::pin::pin!(fut);
@@ -692,11 +691,7 @@ mod uring_tests {
     fn errors_arrive_as_completions() {
         let ring = Rc::new(Ring::new(4).unwrap());
         // A read on a write-only pipe end fails with EBADF.
-        let mut fds = [0; 2];
-        // SAFETY (test): pipe fills two descriptors we then own.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY (test): fds[0], fds[1] are fresh descriptors owned from here on.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (r, w) = nix::unistd::pipe().unwrap();
         let (res, _) = block_on(
             &ring,
             ring.submit(Op::Read {
@@ -717,11 +712,7 @@ mod uring_tests {
         // future must neither free the buffer nor lose track of the entry:
         // the entry stays in the table (abandoned) until the cancel's CQE.
         let ring = Rc::new(Ring::new(4).unwrap());
-        let mut fds = [0; 2];
-        // SAFETY (test): pipe fills two descriptors we then own.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY (test): fresh descriptors owned from here on.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (r, w) = nix::unistd::pipe().unwrap();
         let fut = ring.submit(Op::Read {
             fd: Arc::new(r),
             offset: u64::MAX,

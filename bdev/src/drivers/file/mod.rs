@@ -148,7 +148,7 @@ fn choose_direct(
         Err(_) => None,
     };
     match (direct, mode) {
-        (Some((f, align)), _) if size % u64::from(align) == 0 => Ok((f, true, align)),
+        (Some((f, align)), _) if size.is_multiple_of(u64::from(align)) => Ok((f, true, align)),
         (Some((_, align)), DirectMode::On) => Err(BdevError::Unsupported(format!(
             "cache.direct=on needs the size of '{path}' ({size}) to be a multiple of its direct I/O alignment ({align})"
         ))),

@@ -1,0 +1,130 @@
+//! Device-layer microbenchmarks: the submit → complete path of the null and
+//! malloc devices through the common front door, closed loop at a fixed
+//! queue depth (bdevperf's model), callbacks only — no task per request.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::{BlockChannel, Done, Graph, Io, IoDone, IoError, Node};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use reactor::{IoBuf, reply};
+use serde_json::json;
+
+/// Resubmits every completed read until `left` reaches zero.
+struct Loop {
+    ch: BlockChannel,
+    left: Cell<u64>,
+    inflight: Cell<u64>,
+    span: u64,
+    next: Cell<u64>,
+    me: std::rc::Weak<Loop>,
+    finished: Cell<Option<reactor::ReplyTx<()>>>,
+}
+
+impl Loop {
+    fn submit(&self, buf: IoBuf) {
+        let off = self.next.get();
+        self.next.set((off + buf.len() as u64) % self.span);
+        self.left.set(self.left.get() - 1);
+        self.inflight.set(self.inflight.get() + 1);
+        let me: Rc<dyn IoDone> = self.me.upgrade().unwrap();
+        self.ch.submit(Io::read(off, buf), Done::new(me, 0));
+    }
+}
+
+impl IoDone for Loop {
+    fn io_done(&self, _tag: u64, io: Io, res: Result<(), IoError>) {
+        res.unwrap();
+        self.inflight.set(self.inflight.get() - 1);
+        if self.left.get() > 0 {
+            self.submit(io.buf.unwrap());
+        } else if self.inflight.get() == 0
+            && let Some(tx) = self.finished.take()
+        {
+            tx.send(());
+        }
+    }
+}
+
+fn closed_loop(
+    node: &Arc<Node>,
+    reactors: &reactor::Reactors,
+    iters: u64,
+    qd: u64,
+    io_size: usize,
+) -> Duration {
+    let node = Arc::clone(node);
+    reactors.handles()[0]
+        .run(move || async move {
+            let ch = node.channel().unwrap();
+            let (tx, rx) = reply();
+            let span = ch.size() / io_size as u64 * io_size as u64;
+            let lp = Rc::new_cyclic(|me| Loop {
+                ch,
+                left: Cell::new(iters.max(qd)),
+                inflight: Cell::new(0),
+                span,
+                next: Cell::new(0),
+                me: me.clone(),
+                finished: Cell::new(Some(tx)),
+            });
+            let t0 = Instant::now();
+            for _ in 0..qd {
+                lp.submit(IoBuf::new(io_size));
+            }
+            rx.await.unwrap();
+            t0.elapsed()
+        })
+        .wait()
+        .unwrap()
+}
+
+fn null_and_malloc(c: &mut Criterion) {
+    let reactors = spindle_benches::polling_reactors(1);
+    let mut graph = Graph::new(reactors.handles().to_vec());
+    let null = graph
+        .add(json!({"driver": "null-co", "node-name": "n0"}))
+        .unwrap();
+    let malloc = graph
+        .add(json!({"driver": "malloc", "node-name": "m0", "size": 256 << 20}))
+        .unwrap();
+    let mut g = c.benchmark_group("bdev");
+    g.throughput(Throughput::Elements(1));
+    for qd in [1u64, 32, 128] {
+        g.bench_function(format!("null_read_4k_qd{qd}"), |b| {
+            b.iter_custom(|iters| closed_loop(&null, &reactors, iters, qd, 4096))
+        });
+    }
+    g.bench_function("malloc_read_4k_qd32", |b| {
+        b.iter_custom(|iters| closed_loop(&malloc, &reactors, iters, 32, 4096))
+    });
+    g.finish();
+    drop((null, malloc));
+    graph.close_all();
+}
+
+fn memcpy_4k(c: &mut Criterion) {
+    // The machine's single-core copy rate: the limit a RAM disk read approaches.
+    let src = vec![0x5au8; 256 << 20];
+    let mut dst = vec![0u8; 4096];
+    let mut off = 0usize;
+    let mut g = c.benchmark_group("limits");
+    g.throughput(Throughput::Bytes(4096));
+    g.bench_function("memcpy_4k_from_256m", |b| {
+        b.iter(|| {
+            dst.copy_from_slice(&src[off..off + 4096]);
+            off = (off + 4096 * 7) % (src.len() - 4096);
+            std::hint::black_box(&dst);
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = null_and_malloc, memcpy_4k
+}
+criterion_main!(benches);

@@ -1,0 +1,176 @@
+//! The control plane: one thread that owns the daemon's state (the node
+//! graph, later exports and jobs) and runs every command, one at a time —
+//! the role of QEMU's main loop. Transports hand it commands through
+//! [`ControlSender`] and block until the answer comes back; reactors never
+//! wait for it.
+
+use std::sync::Arc;
+
+use bdev::{BdevError, Graph};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use reactor::Handle;
+use serde_json::{Value, json};
+
+use crate::error::RpcError;
+use crate::event::EventBus;
+use crate::qmp::ServerInfo;
+use crate::registry::Registry;
+use crate::server::Dispatcher;
+
+/// Why the daemon stops, as QEMU's SHUTDOWN event names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownReason {
+    /// The `quit` command.
+    Quit,
+    /// SIGINT or SIGTERM.
+    Signal,
+}
+
+impl ShutdownReason {
+    fn qemu_name(self) -> &'static str {
+        match self {
+            ShutdownReason::Quit => "host-qmp-quit",
+            ShutdownReason::Signal => "host-signal",
+        }
+    }
+}
+
+/// The state commands act on.
+pub struct Control {
+    pub graph: Graph,
+    pub reactors: Vec<Handle>,
+    pub events: Arc<EventBus>,
+    pub info: ServerInfo,
+    /// Names of every registered command (for `query-commands`).
+    pub command_names: Vec<&'static str>,
+    shutdown: Option<ShutdownReason>,
+}
+
+impl Control {
+    pub fn new(reactors: Vec<Handle>, events: Arc<EventBus>, info: ServerInfo) -> Control {
+        Control {
+            graph: Graph::new(reactors.clone()),
+            reactors,
+            events,
+            info,
+            command_names: Vec::new(),
+            shutdown: None,
+        }
+    }
+
+    /// Asks the control loop to stop after the current command.
+    pub fn request_shutdown(&mut self, reason: ShutdownReason) {
+        self.shutdown.get_or_insert(reason);
+    }
+
+    pub fn shutdown_requested(&self) -> Option<ShutdownReason> {
+        self.shutdown
+    }
+
+    /// The main reactor: where control-plane I/O runs.
+    pub fn main_reactor(&self) -> &Handle {
+        &self.reactors[0]
+    }
+}
+
+/// A request for the control thread.
+pub enum ControlMsg {
+    Call {
+        method: String,
+        params: Option<Value>,
+        reply: Sender<Result<Value, RpcError>>,
+    },
+    Shutdown(ShutdownReason),
+}
+
+/// Sends commands to the control thread; the transports' [`Dispatcher`].
+#[derive(Clone)]
+pub struct ControlSender(Sender<ControlMsg>);
+
+/// A control channel: the sender for transports and signal handlers, the
+/// receiver for [`run_control_loop`].
+pub fn control_channel() -> (ControlSender, Receiver<ControlMsg>) {
+    let (tx, rx) = unbounded();
+    (ControlSender(tx), rx)
+}
+
+impl ControlSender {
+    /// Asks for a graceful shutdown (from a signal handler thread).
+    pub fn shutdown(&self, reason: ShutdownReason) {
+        let _ = self.0.send(ControlMsg::Shutdown(reason));
+    }
+}
+
+impl Dispatcher for ControlSender {
+    fn dispatch(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let (tx, rx) = bounded(1);
+        self.0
+            .send(ControlMsg::Call {
+                method: method.to_string(),
+                params,
+                reply: tx,
+            })
+            .map_err(|_| RpcError::failed("the daemon is shutting down"))?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(RpcError::failed("the daemon is shutting down")))
+    }
+}
+
+/// Runs commands until a shutdown is requested; returns why. Commands still
+/// queued at that point are refused.
+pub fn run_control_loop(
+    ctl: &mut Control,
+    registry: &Registry<Control>,
+    rx: Receiver<ControlMsg>,
+) -> ShutdownReason {
+    let reason = loop {
+        let Ok(msg) = rx.recv() else {
+            break ShutdownReason::Signal;
+        };
+        match msg {
+            ControlMsg::Call {
+                method,
+                params,
+                reply,
+            } => {
+                tracing::debug!(%method, "command");
+                let result = registry.call(ctl, &method, params);
+                if let Err(e) = &result {
+                    tracing::debug!(%method, error = %e, "command failed");
+                }
+                let _ = reply.send(result);
+            }
+            ControlMsg::Shutdown(reason) => ctl.request_shutdown(reason),
+        }
+        if let Some(reason) = ctl.shutdown_requested() {
+            break reason;
+        }
+    };
+    ctl.events.emit(
+        "SHUTDOWN",
+        json!({"guest": false, "reason": reason.qemu_name()}),
+    );
+    while let Ok(msg) = rx.try_recv() {
+        if let ControlMsg::Call { reply, .. } = msg {
+            let _ = reply.send(Err(RpcError::failed("the daemon is shutting down")));
+        }
+    }
+    // Dropping the receiver makes later dispatches fail at once.
+    drop(rx);
+    reason
+}
+
+/// The one mapping from device-layer errors to RPC errors.
+pub fn bdev_error(e: BdevError) -> RpcError {
+    let msg = e.to_string();
+    match e {
+        BdevError::InvalidParam(_) | BdevError::Unsupported(_) => RpcError::invalid_params(msg),
+        BdevError::NodeNotFound(_) => RpcError::not_found(msg),
+        BdevError::DuplicateNode(_) => RpcError::exists(msg),
+        BdevError::InUse { .. } | BdevError::Conflict { .. } => RpcError::busy(msg),
+        BdevError::ReadOnly { .. } | BdevError::Open { .. } | BdevError::Io { .. } => {
+            RpcError::failed(msg)
+        }
+        BdevError::ReactorGone => RpcError::internal(msg),
+    }
+}

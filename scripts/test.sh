@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what the tests need, then
+# runs every unit, integration and interop test, and each criterion
+# benchmark once in test mode (so benches keep compiling and running).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+export RUST_BACKTRACE=1
+cargo build --workspace --all-targets
+cargo test --workspace --all-targets -- --test-threads="${TEST_THREADS:-2}"

@@ -1,0 +1,220 @@
+//! Hostile and broken clients: each gets an error or a closed connection,
+//! and the daemon keeps serving everyone else.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Daemon, Qmp};
+
+fn connect(d: &Daemon) -> UnixStream {
+    let s = UnixStream::connect(&d.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+fn read_reply(s: &UnixStream) -> Value {
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+fn closed(mut s: &UnixStream) -> bool {
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).is_ok()
+}
+
+#[test]
+fn malformed_json_gets_a_parse_error_and_a_closed_connection() {
+    let d = Daemon::start();
+    let mut s = connect(&d);
+    s.write_all(b"{\"jsonrpc\": \"2.0\", \"method\": }")
+        .unwrap();
+    let r = read_reply(&s);
+    assert_eq!(r["error"]["code"], -32700);
+    assert_eq!(r["id"], Value::Null);
+    assert!(closed(&s));
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn invalid_requests_get_invalid_request() {
+    let d = Daemon::start();
+    let mut s = connect(&d);
+    for bad in [
+        json!(42),
+        json!({"jsonrpc": "1.0", "id": 1, "method": "quit"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": 5}),
+        json!([]),
+    ] {
+        s.write_all(bad.to_string().as_bytes()).unwrap();
+        let r = read_reply(&s);
+        assert_eq!(r["error"]["code"], -32600, "{bad} -> {r}");
+    }
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn an_oversized_request_is_refused() {
+    let d = Daemon::start();
+    let mut s = connect(&d);
+    let huge = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"query-version\",\"params\":{{\"x\":\"{}\"",
+        "a".repeat(2 << 20)
+    );
+    let _ = s.write_all(huge.as_bytes());
+    let r = read_reply(&s);
+    assert_eq!(r["error"]["code"], -32700);
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("exceeds"),
+        "{r}"
+    );
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn half_sent_requests_and_abrupt_disconnects_harm_nobody() {
+    let d = Daemon::start();
+    for _ in 0..20 {
+        let mut s = connect(&d);
+        s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"query-ver")
+            .unwrap();
+        drop(s);
+        let mut q = UnixStream::connect(&d.qmp).unwrap();
+        q.write_all(b"{\"execute\":").unwrap();
+        drop(q);
+    }
+    // A client that sends a request and leaves before the answer.
+    d.ok(
+        "blockdev-add",
+        json!({"driver": "malloc", "node-name": "m0", "size": 64 << 20}),
+    );
+    let mut s = connect(&d);
+    s.write_all(json!({"jsonrpc": "2.0", "id": 1, "method": "x-debug-io", "params": {"node-name": "m0", "command": "write -P 1 0 64M"}}).to_string().as_bytes()).unwrap();
+    drop(s);
+    d.debug_io("m0", "read -P 1 0 4k").ok();
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_block_others() {
+    let d = Daemon::start();
+    let mut hog = connect(&d);
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": "query-named-block-nodes"}).to_string();
+    hog.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    for _ in 0..20000 {
+        if hog.write_all(req.as_bytes()).is_err() {
+            break;
+        }
+    }
+    for _ in 0..10 {
+        d.ok("query-version", Value::Null);
+    }
+    drop(hog);
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn wrong_arguments_everywhere_get_clear_errors() {
+    let d = Daemon::start();
+    let cases = [
+        (
+            "blockdev-add",
+            json!({"node-name": "x"}),
+            "Parameter 'driver' is missing",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "malloc", "node-name": "x"}),
+            "Parameter 'size' is missing",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "malloc", "node-name": "x", "size": 1048576, "zz": 1}),
+            "Parameter 'zz' is unexpected",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "malloc", "node-name": "x", "size": -5}),
+            "Parameter 'size' expects a non-negative integer",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "malloc", "node-name": "-x", "size": 1048576}),
+            "Invalid node-name: '-x'",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "x", "filename": "/", "cache": {"direct": "yes"}}),
+            "Invalid parameter type for 'cache.direct', expected: boolean",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "x", "file": "nope"}),
+            "Failed to find node with node-name='nope'",
+        ),
+        (
+            "x-debug-io",
+            json!({"node-name": "x"}),
+            "Parameter 'command' is missing",
+        ),
+        (
+            "query-version",
+            json!({"x": 1}),
+            "Parameter 'x' is unexpected",
+        ),
+        (
+            "quit",
+            json!([1, 2]),
+            "params must be an object of named parameters",
+        ),
+    ];
+    for (method, params, want) in cases {
+        let (_, msg, _) = d.err(method, params.clone());
+        assert_eq!(msg, want, "{method} {params}");
+    }
+    assert_eq!(
+        d.ok("query-named-block-nodes", Value::Null),
+        json!([]),
+        "failed adds leave nothing behind"
+    );
+}
+
+#[test]
+fn qmp_input_errors_keep_the_session() {
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    q.send_raw(b"{\"execute\": }\n");
+    assert_eq!(q.response()["error"]["class"], "GenericError");
+    q.send_raw(b"{\"foo\": 1}\n");
+    assert_eq!(
+        q.response()["error"]["desc"],
+        "QMP input member 'foo' is unexpected"
+    );
+    q.send_raw(b"[1]\n");
+    assert_eq!(
+        q.response()["error"]["desc"],
+        "QMP input must be a JSON object"
+    );
+    q.send_raw(b"{\"execute\": \"query-version\", \"arguments\": []}\n");
+    assert_eq!(
+        q.response()["error"]["desc"],
+        "QMP input member 'arguments' must be an object"
+    );
+    assert!(q.execute("query-version", None)["return"].is_object());
+}
+
+#[test]
+fn many_connections_at_once() {
+    let d = Daemon::start();
+    let conns: Vec<UnixStream> = (0..100)
+        .filter_map(|_| UnixStream::connect(&d.rpc).ok())
+        .collect();
+    // Past the cap, connections are closed by the daemon; it keeps serving.
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(100));
+    d.ok("query-version", Value::Null);
+}
