@@ -8,4 +8,6 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 export RUST_BACKTRACE=1
 cargo build --workspace --all-targets
-cargo test --workspace --all-targets -- --test-threads="${TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast --lib --bins --tests -- --test-threads="${TEST_THREADS:-2}"
+# Criterion benches in test mode: each benchmark runs once.
+cargo test --workspace --no-fail-fast --benches

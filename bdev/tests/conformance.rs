@@ -411,3 +411,21 @@ fn discard_is_ignored_by_default() {
         expect_pattern(&ch, 0, 65536, 14).await;
     });
 }
+
+#[test]
+fn reads_across_end_of_file_return_zeroes_after_a_short_read() {
+    // The node keeps its size when the file shrinks underneath it: a read
+    // that straddles the new end of file gets a short read, continues, hits
+    // end of file, and fills the rest with zeroes.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shrink.img");
+    std::fs::write(&path, vec![0x33u8; 1 << 20]).unwrap();
+    let mut env = Env::new();
+    let node = env.add(json!({"driver": "file", "node-name": "s", "filename": path.to_str().unwrap(), "cache": {"direct": false}}));
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 << 10).unwrap();
+    env.on(0, &node, |ch| async move {
+        let got = ch.read(448 << 10, 128 << 10).await.unwrap();
+        assert!(got[..64 << 10].iter().all(|&b| b == 0x33), "bytes before end of file");
+        assert!(got[64 << 10..].iter().all(|&b| b == 0), "bytes past end of file read as zero");
+    });
+}
