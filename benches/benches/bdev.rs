@@ -90,6 +90,21 @@ fn null_and_malloc(c: &mut Criterion) {
     let malloc = graph
         .add(json!({"driver": "malloc", "node-name": "m0", "size": 256 << 20}))
         .unwrap();
+    // Touch every page of the RAM disk first, so reads copy real memory
+    // (untouched pages would all map the kernel's one zero page).
+    let m = Arc::clone(&malloc);
+    reactors.handles()[0]
+        .run(move || async move {
+            let ch = m.channel().unwrap();
+            let chunk = 4 << 20;
+            for off in (0..ch.size()).step_by(chunk) {
+                let mut buf = IoBuf::new(chunk);
+                buf.fill(0x5a);
+                ch.write(off, buf, bdev::IoFlags::NONE).await.1.unwrap();
+            }
+        })
+        .wait()
+        .unwrap();
     let mut g = c.benchmark_group("bdev");
     g.throughput(Throughput::Elements(1));
     for qd in [1u64, 32, 128] {

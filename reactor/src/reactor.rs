@@ -308,6 +308,7 @@ pub struct Reactor {
     options: ReactorOptions,
     last_busy: Cell<Instant>,
     last_tick: Cell<Instant>,
+    last_tick_busy: Cell<bool>,
 }
 
 impl Reactor {
@@ -339,6 +340,7 @@ impl Reactor {
             options,
             last_busy: Cell::new(now),
             last_tick: Cell::new(now),
+            last_tick_busy: Cell::new(false),
         }))
     }
 
@@ -418,33 +420,34 @@ impl Reactor {
     /// One tick of the loop; returns true if anything did work.
     /// Must run with this reactor current (see [`Reactor::enter`]).
     pub fn poll_once(&self) -> bool {
-        let start = Instant::now();
+        // One clock read per tick: it stamps timers and closes the
+        // accounting of the previous tick.
+        let now = Instant::now();
+        self.account(now);
         let mut busy = self.flush_outbox();
         busy |= self.run_messages();
         busy |= self.run_deferred();
         busy |= self.executor.run_ready();
         busy |= self.pollers.run_active();
-        let now = Instant::now();
         busy |= self.pollers.run_timed(now);
         busy |= self.timers.fire(now);
         self.ring.enter(None);
         busy |= self.ring.reap() > 0;
-        self.account(start, busy);
+        self.last_tick_busy.set(busy);
+        if busy {
+            self.last_busy.set(now);
+        }
         busy
     }
 
-    fn account(&self, start: Instant, busy: bool) {
-        let now = Instant::now();
+    /// Charges the time since the previous tick started to busy or idle.
+    fn account(&self, now: Instant) {
         let spent = now.duration_since(self.last_tick.get()).as_nanos() as u64;
         self.last_tick.set(now);
         let stats = &self.shared.stats;
         stats.ticks.fetch_add(1, Ordering::Relaxed);
-        if busy {
-            stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
-            self.last_busy.set(start);
-        } else {
-            stats.idle_ns.fetch_add(spent, Ordering::Relaxed);
-        }
+        let counter = if self.last_tick_busy.get() { &stats.busy_ns } else { &stats.idle_ns };
+        counter.fetch_add(spent, Ordering::Relaxed);
     }
 
     fn flush_outbox(&self) -> bool {
@@ -546,9 +549,12 @@ impl Reactor {
     pub fn run(self: &Rc<Self>) {
         let _guard = self.enter();
         while !self.stopping() {
-            if !self.poll_once() && self.idle_long_enough() {
+            if self.poll_once() {
+                continue;
+            }
+            if self.idle_long_enough() {
                 self.sleep();
-            } else if !self.stopping() {
+            } else {
                 std::hint::spin_loop();
             }
         }
