@@ -422,10 +422,21 @@ fn reads_across_end_of_file_return_zeroes_after_a_short_read() {
     std::fs::write(&path, vec![0x33u8; 1 << 20]).unwrap();
     let mut env = Env::new();
     let node = env.add(json!({"driver": "file", "node-name": "s", "filename": path.to_str().unwrap(), "cache": {"direct": false}}));
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 << 10).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(512 << 10)
+        .unwrap();
     env.on(0, &node, |ch| async move {
         let got = ch.read(448 << 10, 128 << 10).await.unwrap();
-        assert!(got[..64 << 10].iter().all(|&b| b == 0x33), "bytes before end of file");
-        assert!(got[64 << 10..].iter().all(|&b| b == 0), "bytes past end of file read as zero");
+        assert!(
+            got[..64 << 10].iter().all(|&b| b == 0x33),
+            "bytes before end of file"
+        );
+        assert!(
+            got[64 << 10..].iter().all(|&b| b == 0),
+            "bytes past end of file read as zero"
+        );
     });
 }

@@ -446,7 +446,11 @@ impl Reactor {
         self.last_tick.set(now);
         let stats = &self.shared.stats;
         stats.ticks.fetch_add(1, Ordering::Relaxed);
-        let counter = if self.last_tick_busy.get() { &stats.busy_ns } else { &stats.idle_ns };
+        let counter = if self.last_tick_busy.get() {
+            &stats.busy_ns
+        } else {
+            &stats.idle_ns
+        };
         counter.fetch_add(spent, Ordering::Relaxed);
     }
 

@@ -463,10 +463,9 @@ impl RingInner {
 
     fn try_push(&mut self, key: usize) -> bool {
         let entry = self.inflight[key].op.entry().user_data(key as u64);
-        // SAFETY: the SQE points only into resources owned by the Op stored
-        // at `key` in the in-flight slab, which stays there until the CQE
-        // for `key` is reaped (Ring::dispatch) — the module invariant.
         // Test: uring_tests::abandoned_read_keeps_buffer_until_completion.
+        // SAFETY: the SQE points only into resources owned by the Op at `key`
+        // in the in-flight slab, kept there until its CQE is reaped.
         let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         if pushed {
             self.unsubmitted = true;
