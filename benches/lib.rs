@@ -9,13 +9,6 @@ use reactor::{PollMode, ReactorOptions, Reactors};
 pub fn polling_reactors(n: usize) -> Reactors {
     let cores = reactor::cpuset::allowed_cores().expect("reading CPU affinity");
     let cores: Vec<usize> = cores.iter().copied().cycle().take(n).collect();
-    Reactors::start(
-        &cores,
-        true,
-        ReactorOptions {
-            poll_mode: PollMode::Poll,
-            ..Default::default()
-        },
-    )
-    .expect("starting reactors")
+    Reactors::start(&cores, true, ReactorOptions { poll_mode: PollMode::Poll, ..Default::default() })
+        .expect("starting reactors")
 }

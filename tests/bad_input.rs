@@ -31,8 +31,7 @@ fn closed(mut s: &UnixStream) -> bool {
 fn malformed_json_gets_a_parse_error_and_a_closed_connection() {
     let d = Daemon::start();
     let mut s = connect(&d);
-    s.write_all(b"{\"jsonrpc\": \"2.0\", \"method\": }")
-        .unwrap();
+    s.write_all(b"{\"jsonrpc\": \"2.0\", \"method\": }").unwrap();
     let r = read_reply(&s);
     assert_eq!(r["error"]["code"], -32700);
     assert_eq!(r["id"], Value::Null);
@@ -50,7 +49,8 @@ fn invalid_requests_get_invalid_request() {
         json!({"jsonrpc": "2.0", "id": 2, "method": 5}),
         json!([]),
     ] {
-        s.write_all(bad.to_string().as_bytes()).unwrap();
+        // A newline ends a bare number; objects and arrays end themselves.
+        s.write_all(format!("{bad}\n").as_bytes()).unwrap();
         let r = read_reply(&s);
         assert_eq!(r["error"]["code"], -32600, "{bad} -> {r}");
     }
@@ -68,10 +68,7 @@ fn an_oversized_request_is_refused() {
     let _ = s.write_all(huge.as_bytes());
     let r = read_reply(&s);
     assert_eq!(r["error"]["code"], -32700);
-    assert!(
-        r["error"]["message"].as_str().unwrap().contains("exceeds"),
-        "{r}"
-    );
+    assert!(r["error"]["message"].as_str().unwrap().contains("exceeds"), "{r}");
     d.ok("query-version", Value::Null);
 }
 
@@ -80,18 +77,14 @@ fn half_sent_requests_and_abrupt_disconnects_harm_nobody() {
     let d = Daemon::start();
     for _ in 0..20 {
         let mut s = connect(&d);
-        s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"query-ver")
-            .unwrap();
+        s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"query-ver").unwrap();
         drop(s);
         let mut q = UnixStream::connect(&d.qmp).unwrap();
         q.write_all(b"{\"execute\":").unwrap();
         drop(q);
     }
     // A client that sends a request and leaves before the answer.
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "malloc", "node-name": "m0", "size": 64 << 20}),
-    );
+    d.ok("blockdev-add", json!({"driver": "malloc", "node-name": "m0", "size": 64 << 20}));
     let mut s = connect(&d);
     s.write_all(json!({"jsonrpc": "2.0", "id": 1, "method": "x-debug-io", "params": {"node-name": "m0", "command": "write -P 1 0 64M"}}).to_string().as_bytes()).unwrap();
     drop(s);
@@ -121,16 +114,8 @@ fn a_client_that_never_reads_does_not_block_others() {
 fn wrong_arguments_everywhere_get_clear_errors() {
     let d = Daemon::start();
     let cases = [
-        (
-            "blockdev-add",
-            json!({"node-name": "x"}),
-            "Parameter 'driver' is missing",
-        ),
-        (
-            "blockdev-add",
-            json!({"driver": "malloc", "node-name": "x"}),
-            "Parameter 'size' is missing",
-        ),
+        ("blockdev-add", json!({"node-name": "x"}), "Parameter 'driver' is missing"),
+        ("blockdev-add", json!({"driver": "malloc", "node-name": "x"}), "Parameter 'size' is missing"),
         (
             "blockdev-add",
             json!({"driver": "malloc", "node-name": "x", "size": 1048576, "zz": 1}),
@@ -141,11 +126,7 @@ fn wrong_arguments_everywhere_get_clear_errors() {
             json!({"driver": "malloc", "node-name": "x", "size": -5}),
             "Parameter 'size' expects a non-negative integer",
         ),
-        (
-            "blockdev-add",
-            json!({"driver": "malloc", "node-name": "-x", "size": 1048576}),
-            "Invalid node-name: '-x'",
-        ),
+        ("blockdev-add", json!({"driver": "malloc", "node-name": "-x", "size": 1048576}), "Invalid node-name: '-x'"),
         (
             "blockdev-add",
             json!({"driver": "file", "node-name": "x", "filename": "/", "cache": {"direct": "yes"}}),
@@ -156,31 +137,15 @@ fn wrong_arguments_everywhere_get_clear_errors() {
             json!({"driver": "raw", "node-name": "x", "file": "nope"}),
             "Failed to find node with node-name='nope'",
         ),
-        (
-            "x-debug-io",
-            json!({"node-name": "x"}),
-            "Parameter 'command' is missing",
-        ),
-        (
-            "query-version",
-            json!({"x": 1}),
-            "Parameter 'x' is unexpected",
-        ),
-        (
-            "quit",
-            json!([1, 2]),
-            "params must be an object of named parameters",
-        ),
+        ("x-debug-io", json!({"node-name": "x"}), "Parameter 'command' is missing"),
+        ("query-version", json!({"x": 1}), "Parameter 'x' is unexpected"),
+        ("quit", json!([1, 2]), "params must be an object of named parameters"),
     ];
     for (method, params, want) in cases {
         let (_, msg, _) = d.err(method, params.clone());
         assert_eq!(msg, want, "{method} {params}");
     }
-    assert_eq!(
-        d.ok("query-named-block-nodes", Value::Null),
-        json!([]),
-        "failed adds leave nothing behind"
-    );
+    assert_eq!(d.ok("query-named-block-nodes", Value::Null), json!([]), "failed adds leave nothing behind");
 }
 
 #[test]
@@ -190,31 +155,36 @@ fn qmp_input_errors_keep_the_session() {
     q.send_raw(b"{\"execute\": }\n");
     assert_eq!(q.response()["error"]["class"], "GenericError");
     q.send_raw(b"{\"foo\": 1}\n");
-    assert_eq!(
-        q.response()["error"]["desc"],
-        "QMP input member 'foo' is unexpected"
-    );
+    assert_eq!(q.response()["error"]["desc"], "QMP input member 'foo' is unexpected");
     q.send_raw(b"[1]\n");
-    assert_eq!(
-        q.response()["error"]["desc"],
-        "QMP input must be a JSON object"
-    );
+    assert_eq!(q.response()["error"]["desc"], "QMP input must be a JSON object");
     q.send_raw(b"{\"execute\": \"query-version\", \"arguments\": []}\n");
-    assert_eq!(
-        q.response()["error"]["desc"],
-        "QMP input member 'arguments' must be an object"
-    );
+    assert_eq!(q.response()["error"]["desc"], "QMP input member 'arguments' must be an object");
     assert!(q.execute("query-version", None)["return"].is_object());
 }
 
 #[test]
 fn many_connections_at_once() {
     let d = Daemon::start();
-    let conns: Vec<UnixStream> = (0..100)
-        .filter_map(|_| UnixStream::connect(&d.rpc).ok())
-        .collect();
+    let conns: Vec<UnixStream> = (0..100).filter_map(|_| UnixStream::connect(&d.rpc).ok()).collect();
     // Past the cap, connections are closed by the daemon; it keeps serving.
     drop(conns);
     std::thread::sleep(Duration::from_millis(100));
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn a_request_trickled_byte_by_byte_is_answered() {
+    let d = Daemon::start();
+    let mut s = connect(&d);
+    let req = json!({"jsonrpc": "2.0", "id": 5, "method": "query-version", "params": {}, "pad": "x".repeat(32 << 10)});
+    // An unexpected member gets -32600; what matters is that the whole
+    // value was framed, one byte per write.
+    for b in req.to_string().as_bytes() {
+        s.write_all(std::slice::from_ref(b)).unwrap();
+    }
+    let r = read_reply(&s);
+    assert_eq!(r["id"], 5);
+    assert_eq!(r["error"]["code"], -32600);
     d.ok("query-version", Value::Null);
 }

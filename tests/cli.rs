@@ -8,68 +8,31 @@ use serde_json::{Value, json};
 use support::{BIN, Daemon};
 
 fn rpc(d: &Daemon, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("rpc")
-        .arg("-s")
-        .arg(&d.rpc)
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(BIN).arg("rpc").arg("-s").arg(&d.rpc).args(args).output().unwrap()
 }
 
 #[test]
 fn key_value_and_json_params() {
     let d = Daemon::start();
-    let out = rpc(
-        &d,
-        &[
-            "blockdev-add",
-            "driver=malloc",
-            "node-name=m0",
-            "size=1048576",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = rpc(&d, &["blockdev-add", "driver=malloc", "node-name=m0", "size=1048576"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{}");
-    let out = rpc(
-        &d,
-        &[
-            "blockdev-add",
-            r#"{"driver": "null-co", "node-name": "n0", "size": 1048576}"#,
-        ],
-    );
+    let out = rpc(&d, &["blockdev-add", r#"{"driver": "null-co", "node-name": "n0", "size": 1048576}"#]);
     assert!(out.status.success());
     let img = d.path("c.img");
     support::sparse_file(&img, 1 << 20);
     let out = rpc(
         &d,
-        &[
-            "blockdev-add",
-            "driver=file",
-            "node-name=f0",
-            &format!("filename={}", img.display()),
-            "cache.direct=false",
-        ],
+        &["blockdev-add", "driver=file", "node-name=f0", &format!("filename={}", img.display()), "cache.direct=false"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = rpc(&d, &["query-named-block-nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\n  {\n"), "pretty printed: {text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 3);
     assert_eq!(v[0]["cache"]["direct"], false);
-    let out = rpc(
-        &d,
-        &["x-debug-io", "node-name=m0", "command=write -P 0x1 0 4k"],
-    );
+    let out = rpc(&d, &["x-debug-io", "node-name=m0", "command=write -P 0x1 0 4k"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("wrote 4096/4096"));
 }
 
@@ -100,10 +63,7 @@ fn list_prints_every_method() {
 
 #[test]
 fn missing_daemon_is_a_clear_error() {
-    let out = Command::new(BIN)
-        .args(["rpc", "-s", "/nonexistent/spindle.sock", "query-version"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["rpc", "-s", "/nonexistent/spindle.sock", "query-version"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("is the daemon running"),

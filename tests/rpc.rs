@@ -15,29 +15,12 @@ fn nodes_are_added_described_and_deleted() {
     let d = Daemon::start();
     let img = d.path("disk.img");
     sparse_file(&img, 4 << 20);
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "file", "node-name": "f0", "filename": img}),
-    );
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "null-co", "node-name": "n0", "size": 1048576}),
-    );
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "malloc", "node-name": "m0", "size": 8 << 20}),
-    );
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
-    );
+    d.ok("blockdev-add", json!({"driver": "file", "node-name": "f0", "filename": img}));
+    d.ok("blockdev-add", json!({"driver": "null-co", "node-name": "n0", "size": 1048576}));
+    d.ok("blockdev-add", json!({"driver": "malloc", "node-name": "m0", "size": 8 << 20}));
+    d.ok("blockdev-add", json!({"driver": "raw", "node-name": "r0", "file": "f0"}));
     let nodes = d.ok("query-named-block-nodes", Value::Null);
-    let names: Vec<&str> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["node-name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["node-name"].as_str().unwrap()).collect();
     assert_eq!(names, ["r0", "m0", "n0", "f0"]);
     let f0 = &nodes[3];
     assert_eq!(f0["drv"], "file");
@@ -52,18 +35,9 @@ fn nodes_are_added_described_and_deleted() {
     d.ok("blockdev-del", json!({"node-name": "r0"}));
     d.ok("blockdev-del", json!({"node-name": "f0"}));
     let (code, msg, data) = d.err("blockdev-del", json!({"node-name": "f0"}));
-    assert_eq!(
-        (code, msg.as_str()),
-        (-19, "Failed to find node with node-name='f0'")
-    );
+    assert_eq!((code, msg.as_str()), (-19, "Failed to find node with node-name='f0'"));
     assert_eq!(data.unwrap()["class"], "DeviceNotFound");
-    assert_eq!(
-        d.ok("query-named-block-nodes", json!({"flat": true}))
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(d.ok("query-named-block-nodes", json!({"flat": true})).as_array().unwrap().len(), 2);
 }
 
 #[test]
@@ -73,14 +47,12 @@ fn debug_io_writes_what_qemu_io_reads_and_reads_what_it_writes() {
         let img = d.path(&format!("d{direct}.img"));
         sparse_file(&img, 8 << 20);
         let name = format!("f{}", u8::from(direct));
-        d.ok("blockdev-add", json!({"driver": "file", "node-name": name, "filename": img, "cache": {"direct": direct}}));
-        let out = d.debug_io(&name, "write -P 0xab 64k 128k").unwrap();
-        assert!(
-            out.as_str()
-                .unwrap()
-                .starts_with("wrote 131072/131072 bytes at offset 65536"),
-            "{out}"
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": name, "filename": img, "cache": {"direct": direct}}),
         );
+        let out = d.debug_io(&name, "write -P 0xab 64k 128k").unwrap();
+        assert!(out.as_str().unwrap().starts_with("wrote 131072/131072 bytes at offset 65536"), "{out}");
         d.debug_io(&name, "flush").unwrap();
         qemu_io(&img, "read -P 0xab 64k 128k");
         qemu_io(&img, "read -P 0 0 64k");
@@ -101,21 +73,12 @@ fn debug_io_writes_what_qemu_io_reads_and_reads_what_it_writes() {
 #[test]
 fn debug_io_on_malloc_and_null() {
     let d = Daemon::start();
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "malloc", "node-name": "m0", "size": 4 << 20}),
-    );
+    d.ok("blockdev-add", json!({"driver": "malloc", "node-name": "m0", "size": 4 << 20}));
     d.debug_io("m0", "write -P 0x42 0 1M").unwrap();
     d.debug_io("m0", "read -P 0x42 0 1M").unwrap();
     let dump = d.debug_io("m0", "read -v 0 32").unwrap();
-    assert!(
-        dump.as_str().unwrap().starts_with("00000000:  42 42 42"),
-        "{dump}"
-    );
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "null-co", "node-name": "n0", "read-zeroes": true}),
-    );
+    assert!(dump.as_str().unwrap().starts_with("00000000:  42 42 42"), "{dump}");
+    d.ok("blockdev-add", json!({"driver": "null-co", "node-name": "n0", "read-zeroes": true}));
     d.debug_io("n0", "write -P 0x42 0 1M").unwrap();
     d.debug_io("n0", "read -P 0 0 1M").unwrap();
 }
@@ -123,30 +86,18 @@ fn debug_io_on_malloc_and_null() {
 #[test]
 fn debug_io_failures_are_errors() {
     let d = Daemon::start();
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "malloc", "node-name": "m0", "size": 1 << 20}),
-    );
+    d.ok("blockdev-add", json!({"driver": "malloc", "node-name": "m0", "size": 1 << 20}));
     d.debug_io("m0", "write -P 1 0 4k").unwrap();
-    let (code, msg, _) = d.err(
-        "x-debug-io",
-        json!({"node-name": "m0", "command": "read -P 2 0 4k"}),
-    );
+    let (code, msg, _) = d.err("x-debug-io", json!({"node-name": "m0", "command": "read -P 2 0 4k"}));
     assert_eq!(code, -5);
     assert_eq!(msg, "Pattern verification failed at offset 0, 4096 bytes");
-    let (code, msg, _) = d.err(
-        "x-debug-io",
-        json!({"node-name": "m0", "command": "read 1M 512"}),
-    );
+    let (code, msg, _) = d.err("x-debug-io", json!({"node-name": "m0", "command": "read 1M 512"}));
     assert_eq!(code, -5);
     assert!(msg.contains("beyond the end"), "{msg}");
     let (code, msg, _) = d.err("x-debug-io", json!({"node-name": "m0", "command": "frob"}));
     assert_eq!(code, -32602);
     assert!(msg.contains("unknown command"), "{msg}");
-    let (code, _, _) = d.err(
-        "x-debug-io",
-        json!({"node-name": "nope", "command": "flush"}),
-    );
+    let (code, _, _) = d.err("x-debug-io", json!({"node-name": "nope", "command": "flush"}));
     assert_eq!(code, -19);
 }
 
@@ -158,50 +109,18 @@ fn error_codes_tell_conditions_apart() {
     assert!(msg.contains("no-such-command"), "{msg}");
     assert_eq!(data.unwrap()["class"], "CommandNotFound");
     let (code, msg, _) = d.err("blockdev-del", json!({}));
-    assert_eq!(
-        (code, msg.as_str()),
-        (-32602, "Parameter 'node-name' is missing")
-    );
+    assert_eq!((code, msg.as_str()), (-32602, "Parameter 'node-name' is missing"));
     let (code, msg, _) = d.err("blockdev-del", json!({"node-name": "x", "extra": 1}));
-    assert_eq!(
-        (code, msg.as_str()),
-        (-32602, "Parameter 'extra' is unexpected")
-    );
+    assert_eq!((code, msg.as_str()), (-32602, "Parameter 'extra' is unexpected"));
     let (code, msg, _) = d.err("blockdev-del", json!({"node-name": 7}));
-    assert_eq!(
-        (code, msg.as_str()),
-        (
-            -32602,
-            "Invalid parameter type for 'node-name', expected: string"
-        )
-    );
-    d.ok(
-        "blockdev-add",
-        json!({"driver": "null-co", "node-name": "n0"}),
-    );
-    let (code, msg, _) = d.err(
-        "blockdev-add",
-        json!({"driver": "null-co", "node-name": "n0"}),
-    );
-    assert_eq!(
-        (code, msg.as_str()),
-        (-17, "Duplicate nodes with node-name='n0'")
-    );
-    let (code, msg, _) = d.err(
-        "blockdev-add",
-        json!({"driver": "null-co", "node-name": "n1", "size": "big"}),
-    );
-    assert_eq!(
-        (code, msg.as_str()),
-        (
-            -32602,
-            "Invalid parameter type for 'size', expected: integer"
-        )
-    );
-    let (code, msg, _) = d.err(
-        "blockdev-add",
-        json!({"driver": "file", "node-name": "f", "filename": d.path("missing.img")}),
-    );
+    assert_eq!((code, msg.as_str()), (-32602, "Invalid parameter type for 'node-name', expected: string"));
+    d.ok("blockdev-add", json!({"driver": "null-co", "node-name": "n0"}));
+    let (code, msg, _) = d.err("blockdev-add", json!({"driver": "null-co", "node-name": "n0"}));
+    assert_eq!((code, msg.as_str()), (-17, "Duplicate nodes with node-name='n0'"));
+    let (code, msg, _) = d.err("blockdev-add", json!({"driver": "null-co", "node-name": "n1", "size": "big"}));
+    assert_eq!((code, msg.as_str()), (-32602, "Invalid parameter type for 'size', expected: integer"));
+    let (code, msg, _) =
+        d.err("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": d.path("missing.img")}));
     assert_eq!(code, -5);
     assert!(msg.contains("No such file or directory"), "{msg}");
 }
@@ -210,20 +129,10 @@ fn error_codes_tell_conditions_apart() {
 fn version_and_command_lists() {
     let d = Daemon::start();
     let v = d.ok("query-version", Value::Null);
-    assert_eq!(
-        v["package"],
-        json!(format!("spindle {}", env!("CARGO_PKG_VERSION")))
-    );
-    assert!(
-        v["qemu"]["major"].is_u64() && v["qemu"]["minor"].is_u64() && v["qemu"]["micro"].is_u64()
-    );
+    assert_eq!(v["package"], json!(format!("spindle {}", env!("CARGO_PKG_VERSION"))));
+    assert!(v["qemu"]["major"].is_u64() && v["qemu"]["minor"].is_u64() && v["qemu"]["micro"].is_u64());
     let cmds = d.ok("query-commands", Value::Null);
-    let names: Vec<&str> = cmds
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = cmds.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     for c in [
         "blockdev-add",
         "blockdev-del",
@@ -259,18 +168,10 @@ fn batches_and_notifications_through_the_daemon() {
     BufReader::new(&s).read_line(&mut line).unwrap();
     let replies: Value = serde_json::from_str(&line).unwrap();
     let replies = replies.as_array().unwrap();
-    assert_eq!(
-        replies.len(),
-        3,
-        "the notification gets no reply: {replies:?}"
-    );
+    assert_eq!(replies.len(), 3, "the notification gets no reply: {replies:?}");
     assert_eq!(replies[0]["id"], 1);
     assert_eq!(replies[1]["id"], "q");
-    assert_eq!(
-        replies[1]["result"].as_array().unwrap().len(),
-        2,
-        "the notification ran"
-    );
+    assert_eq!(replies[1]["result"].as_array().unwrap().len(), 2, "the notification ran");
     assert_eq!(replies[2]["error"]["code"], -32601);
 }
 
@@ -278,23 +179,17 @@ fn batches_and_notifications_through_the_daemon() {
 fn events_reach_json_rpc_clients_as_notifications() {
     let d = Daemon::start();
     let listener = UnixStream::connect(&d.rpc).unwrap();
-    listener
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     // Make sure the listener is registered before the event fires.
     let mut w = listener.try_clone().unwrap();
-    w.write_all(br#"{"jsonrpc":"2.0","id":1,"method":"query-version"}"#)
-        .unwrap();
+    w.write_all(br#"{"jsonrpc":"2.0","id":1,"method":"query-version"}"#).unwrap();
     let mut reader = BufReader::new(listener);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     d.ok("quit", Value::Null);
     loop {
         line.clear();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "connection closed before the SHUTDOWN event"
-        );
+        assert!(reader.read_line(&mut line).unwrap() > 0, "connection closed before the SHUTDOWN event");
         let v: Value = serde_json::from_str(&line).unwrap();
         if v["method"] == "SHUTDOWN" {
             assert_eq!(v["jsonrpc"], "2.0");

@@ -32,11 +32,7 @@ pub(crate) async fn unaligned(ch: &BlockChannel, mut io: Io) -> (Io, Result<(), 
         IoKind::WriteZeroes => write_zeroes(ch, &io, bs).await,
         IoKind::Discard => {
             let (start, end) = (round_up(io.offset, bs), round_down(io.end(), bs));
-            if start < end {
-                ch.submit_raw(Io::discard(start, end - start)).await.1
-            } else {
-                Ok(())
-            }
+            if start < end { ch.submit_raw(Io::discard(start, end - start)).await.1 } else { Ok(()) }
         }
         IoKind::Flush => ch.submit_raw(Io::flush()).await.1,
     };
@@ -46,9 +42,7 @@ pub(crate) async fn unaligned(ch: &BlockChannel, mut io: Io) -> (Io, Result<(), 
 async fn read(ch: &BlockChannel, io: &mut Io, bs: u64) -> Result<(), IoError> {
     let start = round_down(io.offset, bs);
     let end = round_up(io.end(), bs);
-    let (bounce, res) = ch
-        .submit_raw(Io::read(start, IoBuf::new((end - start) as usize)))
-        .await;
+    let (bounce, res) = ch.submit_raw(Io::read(start, IoBuf::new((end - start) as usize))).await;
     res?;
     let bounce = bounce.buf.expect("read returns its buffer");
     let at = (io.offset - start) as usize;
@@ -71,20 +65,15 @@ async fn fill_edges(
     let head_partial = data_start != start;
     let tail_partial = data_end != end;
     if head_partial {
-        let block = ch
-            .submit_raw(Io::read(start, IoBuf::new(bs as usize)))
-            .await;
+        let block = ch.submit_raw(Io::read(start, IoBuf::new(bs as usize))).await;
         block.1?;
         bounce[..bs as usize].copy_from_slice(&block.0.buf.expect("read returns its buffer"));
     }
     if tail_partial && (!head_partial || end - bs != start) {
-        let block = ch
-            .submit_raw(Io::read(end - bs, IoBuf::new(bs as usize)))
-            .await;
+        let block = ch.submit_raw(Io::read(end - bs, IoBuf::new(bs as usize))).await;
         block.1?;
         let at = (end - bs - start) as usize;
-        bounce[at..at + bs as usize]
-            .copy_from_slice(&block.0.buf.expect("read returns its buffer"));
+        bounce[at..at + bs as usize].copy_from_slice(&block.0.buf.expect("read returns its buffer"));
     }
     Ok(())
 }
@@ -111,30 +100,16 @@ async fn write_zeroes(ch: &BlockChannel, io: &Io, bs: u64) -> Result<(), IoError
         edges.push(end - bs);
     }
     for block in edges {
-        let (got, res) = ch
-            .submit_raw(Io::read(block, IoBuf::new(bs as usize)))
-            .await;
+        let (got, res) = ch.submit_raw(Io::read(block, IoBuf::new(bs as usize))).await;
         res?;
         let mut buf = got.buf.expect("read returns its buffer");
         let z_start = io.offset.max(block) - block;
         let z_end = io.end().min(block + bs) - block;
         buf[z_start as usize..z_end as usize].fill(0);
-        ch.submit_raw(Io::write(
-            block,
-            buf,
-            io.flags.without(IoFlags::MAY_UNMAP | IoFlags::NO_FALLBACK),
-        ))
-        .await
-        .1?;
+        ch.submit_raw(Io::write(block, buf, io.flags.without(IoFlags::MAY_UNMAP | IoFlags::NO_FALLBACK))).await.1?;
     }
     if inner_start < inner_end {
-        ch.submit_raw(Io::write_zeroes(
-            inner_start,
-            inner_end - inner_start,
-            io.flags,
-        ))
-        .await
-        .1?;
+        ch.submit_raw(Io::write_zeroes(inner_start, inner_end - inner_start, io.flags)).await.1?;
     }
     Ok(())
 }

@@ -111,17 +111,11 @@ impl BlockChannel {
             IoKind::WriteZeroes if self.policy.discard == DiscardMode::Ignore => {
                 io.flags = io.flags.without(IoFlags::MAY_UNMAP);
             }
-            IoKind::Write
-                if self.policy.detect_zeroes != DetectZeroes::Off && is_zero(io.buf.as_deref()) =>
-            {
+            IoKind::Write if self.policy.detect_zeroes != DetectZeroes::Off && is_zero(io.buf.as_deref()) => {
                 io.kind = IoKind::WriteZeroes;
-                let unmap = self.policy.detect_zeroes == DetectZeroes::Unmap
-                    && self.policy.discard == DiscardMode::Unmap;
-                io.flags = if unmap {
-                    io.flags | IoFlags::MAY_UNMAP
-                } else {
-                    io.flags.without(IoFlags::MAY_UNMAP)
-                };
+                let unmap =
+                    self.policy.detect_zeroes == DetectZeroes::Unmap && self.policy.discard == DiscardMode::Unmap;
+                io.flags = if unmap { io.flags | IoFlags::MAY_UNMAP } else { io.flags.without(IoFlags::MAY_UNMAP) };
             }
             _ => {}
         }
@@ -141,11 +135,7 @@ impl BlockChannel {
         let table = ASYNC_IO.with(Rc::clone);
         let key = table.slots.borrow_mut().insert(Slot::Waiting(None));
         self.submit(io, Done::new(table.clone(), key as u64));
-        IoFuture {
-            table,
-            key,
-            finished: false,
-        }
+        IoFuture { table, key, finished: false }
     }
 
     /// Submits to the driver directly (already checked and aligned) and waits.
@@ -153,11 +143,7 @@ impl BlockChannel {
         let table = ASYNC_IO.with(Rc::clone);
         let key = table.slots.borrow_mut().insert(Slot::Waiting(None));
         self.inner.submit(io, Done::new(table.clone(), key as u64));
-        IoFuture {
-            table,
-            key,
-            finished: false,
-        }
+        IoFuture { table, key, finished: false }
     }
 
     /// Reads `len` bytes at `offset`.
@@ -167,12 +153,7 @@ impl BlockChannel {
     }
 
     /// Writes `buf` at `offset`; the buffer comes back either way.
-    pub async fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: IoFlags,
-    ) -> (IoBuf, Result<(), IoError>) {
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: IoFlags) -> (IoBuf, Result<(), IoError>) {
         let (io, res) = self.submit_io(Io::write(offset, buf, flags)).await;
         (io.buf.expect("write returns its buffer"), res)
     }
@@ -196,10 +177,7 @@ impl BlockChannel {
         }
         let len = len.min(self.policy.size - offset);
         let st = self.inner.block_status(offset, len).await?;
-        Ok(BlockStatus {
-            len: st.len.clamp(1, len),
-            ..st
-        })
+        Ok(BlockStatus { len: st.len.clamp(1, len), ..st })
     }
 }
 
@@ -274,9 +252,7 @@ impl Future for IoFuture {
                 Poll::Pending
             }
             Slot::Done(..) => {
-                let Slot::Done(io, res) = slots.remove(key) else {
-                    unreachable!()
-                };
+                let Slot::Done(io, res) = slots.remove(key) else { unreachable!() };
                 drop(slots);
                 self.finished = true;
                 Poll::Ready((io, res))
@@ -312,10 +288,7 @@ thread_local! {
 }
 
 /// This reactor's channel for node `id`, created by `create` on first use.
-pub(crate) fn cached_channel<E>(
-    id: u64,
-    create: impl FnOnce() -> Result<BlockChannel, E>,
-) -> Result<BlockChannel, E> {
+pub(crate) fn cached_channel<E>(id: u64, create: impl FnOnce() -> Result<BlockChannel, E>) -> Result<BlockChannel, E> {
     if let Some(ch) = CHANNELS.with(|c| c.borrow().get(&id).cloned()) {
         return Ok(ch);
     }

@@ -84,10 +84,7 @@ pub enum BdevError {
     #[error("Node '{name}' is claimed for exclusive writing by {holder}")]
     Conflict { name: String, holder: String },
     #[error("Could not open '{path}': {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    Open { path: String, source: std::io::Error },
     #[error("{what} failed: {source}")]
     Io { what: String, source: IoError },
     #[error("{0}")]
@@ -124,9 +121,6 @@ mod tests {
         assert_eq!(IoError::Os(libc::ENOENT).errno(), libc::ENOENT);
         assert!(IoError::NoMem.is_retryable());
         assert!(!IoError::Io.is_retryable());
-        assert_eq!(
-            IoError::Os(libc::ENOENT).to_string(),
-            "Error 2 (No such file or directory)"
-        );
+        assert_eq!(IoError::Os(libc::ENOENT).to_string(), "Error 2 (No such file or directory)");
     }
 }

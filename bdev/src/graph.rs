@@ -67,20 +67,13 @@ impl Claim {
 
 impl std::fmt::Debug for Claim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Claim")
-            .field("node", &self.node.name)
-            .field("id", &self.id)
-            .finish()
+        f.debug_struct("Claim").field("node", &self.node.name).field("id", &self.id).finish()
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.node
-            .claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|c| c.id != self.id);
+        self.node.claims.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.id != self.id);
     }
 }
 
@@ -116,10 +109,7 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node")
-            .field("name", &self.name)
-            .field("driver", &self.bdev.driver())
-            .finish()
+        f.debug_struct("Node").field("name", &self.name).field("driver", &self.bdev.driver()).finish()
     }
 }
 
@@ -154,18 +144,12 @@ impl Node {
 
     /// The node's children: role and node.
     pub fn children(&self) -> Vec<(&'static str, Arc<Node>)> {
-        self.children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|c| (c.role, Arc::clone(c.node())))
-            .collect()
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|c| (c.role, Arc::clone(c.node()))).collect()
     }
 
     /// Drops the claims this node holds on its children.
     fn release_children(&self) -> Vec<Arc<Node>> {
-        let children =
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
         children.iter().map(|c| Arc::clone(c.node())).collect()
     }
 
@@ -194,17 +178,10 @@ impl Node {
 
     /// Puts the node in use for `holder` (a person-readable name such as
     /// "export 'e0'"). Fails when the access conflicts with existing claims.
-    pub fn claim(
-        self: &Arc<Self>,
-        holder: impl Into<String>,
-        access: Access,
-    ) -> Result<Claim, BdevError> {
+    pub fn claim(self: &Arc<Self>, holder: impl Into<String>, access: Access) -> Result<Claim, BdevError> {
         let holder = holder.into();
         if access.writes() && self.read_only() {
-            return Err(BdevError::ReadOnly {
-                name: self.name.clone(),
-                what: holder,
-            });
+            return Err(BdevError::ReadOnly { name: self.name.clone(), what: holder });
         }
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         let conflict = claims.iter().find(|c| match access {
@@ -213,27 +190,16 @@ impl Node {
             Access::ExclusiveWrite => c.access.writes(),
         });
         if let Some(c) = conflict {
-            return Err(BdevError::Conflict {
-                name: self.name.clone(),
-                holder: c.holder.clone(),
-            });
+            return Err(BdevError::Conflict { name: self.name.clone(), holder: c.holder.clone() });
         }
         let id = self.next_claim.fetch_add(1, Ordering::Relaxed);
         claims.push(ClaimEntry { id, holder, access });
-        Ok(Claim {
-            node: Arc::clone(self),
-            id,
-        })
+        Ok(Claim { node: Arc::clone(self), id })
     }
 
     /// Who holds claims on this node.
     pub fn holders(&self) -> Vec<String> {
-        self.claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|c| c.holder.clone())
-            .collect()
+        self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|c| c.holder.clone()).collect()
     }
 
     /// The entry of `query-named-block-nodes` for this node (QEMU's BlockDeviceInfo).
@@ -267,12 +233,8 @@ impl Node {
         });
         let children = self.children();
         if !children.is_empty() {
-            v["children"] = Value::Array(
-                children
-                    .iter()
-                    .map(|(role, n)| json!({"child": role, "node-name": n.name}))
-                    .collect(),
-            );
+            v["children"] =
+                Value::Array(children.iter().map(|(role, n)| json!({"child": role, "node-name": n.name})).collect());
         }
         v
     }
@@ -304,12 +266,7 @@ impl OpenCtx<'_> {
 
     /// Resolves a child reference — a node name, or an inline options object
     /// (creating an implicit node) — and claims it for this node.
-    pub fn open_child(
-        &mut self,
-        role: &'static str,
-        reference: Value,
-        access: Access,
-    ) -> Result<Arc<Node>, BdevError> {
+    pub fn open_child(&mut self, role: &'static str, reference: Value, access: Access) -> Result<Arc<Node>, BdevError> {
         let node = match reference {
             Value::String(name) => self.graph.get(&name)?,
             Value::Object(_) => {
@@ -318,9 +275,7 @@ impl OpenCtx<'_> {
                 node
             }
             _ => {
-                return Err(BdevError::invalid(format!(
-                    "Invalid parameter type for '{role}', expected: BlockdevRef"
-                )));
+                return Err(BdevError::invalid(format!("Invalid parameter type for '{role}', expected: BlockdevRef")));
             }
         };
         let claim = node.claim(format!("node '{}' ({role} child)", self.node_name), access)?;
@@ -377,10 +332,7 @@ impl Graph {
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Node>, BdevError> {
-        self.nodes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BdevError::NodeNotFound(name.to_string()))
+        self.nodes.get(name).cloned().ok_or_else(|| BdevError::NodeNotFound(name.to_string()))
     }
 
     /// Nodes in creation order.
@@ -401,14 +353,10 @@ impl Graph {
         let name = match options.get("node-name") {
             Some(Value::String(s)) => s.clone(),
             Some(_) => {
-                return Err(BdevError::invalid(
-                    "Invalid parameter type for 'node-name', expected: string",
-                ));
+                return Err(BdevError::invalid("Invalid parameter type for 'node-name', expected: string"));
             }
             None => {
-                return Err(BdevError::invalid(
-                    "'node-name' must be specified for the root node",
-                ));
+                return Err(BdevError::invalid("'node-name' must be specified for the root node"));
             }
         };
         self.open_node(options, Some(name))
@@ -434,10 +382,7 @@ impl Graph {
         let mut common = CommonOptions::read(&mut opts)?;
         common.node_name = name.clone();
         let Some(&open) = self.drivers.get(common.driver.as_str()) else {
-            return Err(BdevError::invalid(format!(
-                "Parameter 'driver' does not accept value '{}'",
-                common.driver
-            )));
+            return Err(BdevError::invalid(format!("Parameter 'driver' does not accept value '{}'", common.driver)));
         };
         let mut ctx = OpenCtx {
             graph: self,
@@ -447,9 +392,7 @@ impl Graph {
             created: Vec::new(),
         };
         let opened = open(&mut ctx, opts);
-        let OpenCtx {
-            children, created, ..
-        } = ctx;
+        let OpenCtx { children, created, .. } = ctx;
         let bdev = match opened {
             Ok(b) => b,
             Err(e) => {
@@ -499,20 +442,13 @@ impl Graph {
         let node = self.get(name)?;
         let holders = node.holders();
         if !holders.is_empty() && !force {
-            return Err(BdevError::InUse {
-                name: name.to_string(),
-                holders: holders.join(", "),
-            });
+            return Err(BdevError::InUse { name: name.to_string(), holders: holders.join(", ") });
         }
         self.nodes.remove(name);
         self.order.retain(|n| n != name);
         self.close_node(&node);
-        let implicit_children: Vec<String> = node
-            .release_children()
-            .iter()
-            .filter(|c| c.implicit)
-            .map(|c| c.name.clone())
-            .collect();
+        let implicit_children: Vec<String> =
+            node.release_children().iter().filter(|c| c.implicit).map(|c| c.name.clone()).collect();
         drop(node);
         for child in implicit_children {
             // The parent is gone, so its claim on the child is released.
@@ -530,18 +466,9 @@ impl Graph {
         let result = self.main.run(move || async move {
             let ch = closing.channel()?;
             if !closing.read_only() {
-                ch.flush().await.map_err(|source| BdevError::Io {
-                    what: "flush".into(),
-                    source,
-                })?;
+                ch.flush().await.map_err(|source| BdevError::Io { what: "flush".into(), source })?;
             }
-            Arc::clone(&closing.bdev)
-                .close()
-                .await
-                .map_err(|source| BdevError::Io {
-                    what: "close".into(),
-                    source,
-                })
+            Arc::clone(&closing.bdev).close().await.map_err(|source| BdevError::Io { what: "close".into(), source })
         });
         match result.wait() {
             Ok(Ok(())) => {}
@@ -556,12 +483,8 @@ impl Graph {
 
     /// Closes every node, parents before children (daemon shutdown).
     pub fn close_all(&mut self) {
-        while let Some(name) = self
-            .order
-            .iter()
-            .rev()
-            .find(|n| self.nodes.get(*n).is_some_and(|nd| !nd.implicit))
-            .cloned()
+        while let Some(name) =
+            self.order.iter().rev().find(|n| self.nodes.get(*n).is_some_and(|nd| !nd.implicit)).cloned()
         {
             if let Err(e) = self.remove_node(&name, true) {
                 tracing::error!(node = %name, error = %e, "closing node at shutdown failed");
@@ -580,21 +503,13 @@ impl Graph {
 
     /// `query-named-block-nodes`: newest first, as QEMU lists them.
     pub fn describe(&self) -> Vec<Value> {
-        self.order
-            .iter()
-            .rev()
-            .filter_map(|n| self.nodes.get(n))
-            .map(|n| n.describe())
-            .collect()
+        self.order.iter().rev().filter_map(|n| self.nodes.get(n)).map(|n| n.describe()).collect()
     }
 
     /// The `blockdev-add` calls that recreate the explicit nodes, in an
     /// order where every referenced node exists before its users.
     pub fn save_config(&self) -> Vec<Value> {
-        self.nodes()
-            .filter(|n| !n.implicit)
-            .map(|n| json!({"method": "blockdev-add", "params": n.options}))
-            .collect()
+        self.nodes().filter(|n| !n.implicit).map(|n| json!({"method": "blockdev-add", "params": n.options})).collect()
     }
 }
 

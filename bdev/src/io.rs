@@ -82,54 +82,24 @@ pub struct Io {
 impl Io {
     /// Read `buf.len()` bytes at `offset` into `buf`.
     pub fn read(offset: u64, buf: IoBuf) -> Io {
-        Io {
-            kind: IoKind::Read,
-            offset,
-            len: buf.len() as u64,
-            flags: IoFlags::NONE,
-            buf: Some(buf),
-        }
+        Io { kind: IoKind::Read, offset, len: buf.len() as u64, flags: IoFlags::NONE, buf: Some(buf) }
     }
 
     /// Write `buf` at `offset`.
     pub fn write(offset: u64, buf: IoBuf, flags: IoFlags) -> Io {
-        Io {
-            kind: IoKind::Write,
-            offset,
-            len: buf.len() as u64,
-            flags,
-            buf: Some(buf),
-        }
+        Io { kind: IoKind::Write, offset, len: buf.len() as u64, flags, buf: Some(buf) }
     }
 
     pub fn flush() -> Io {
-        Io {
-            kind: IoKind::Flush,
-            offset: 0,
-            len: 0,
-            flags: IoFlags::NONE,
-            buf: None,
-        }
+        Io { kind: IoKind::Flush, offset: 0, len: 0, flags: IoFlags::NONE, buf: None }
     }
 
     pub fn discard(offset: u64, len: u64) -> Io {
-        Io {
-            kind: IoKind::Discard,
-            offset,
-            len,
-            flags: IoFlags::NONE,
-            buf: None,
-        }
+        Io { kind: IoKind::Discard, offset, len, flags: IoFlags::NONE, buf: None }
     }
 
     pub fn write_zeroes(offset: u64, len: u64, flags: IoFlags) -> Io {
-        Io {
-            kind: IoKind::WriteZeroes,
-            offset,
-            len,
-            flags,
-            buf: None,
-        }
+        Io { kind: IoKind::WriteZeroes, offset, len, flags, buf: None }
     }
 
     /// End offset (exclusive).
@@ -139,9 +109,7 @@ impl Io {
 
     /// The buffer, for drivers that know this request carries one.
     pub fn buf_mut(&mut self) -> &mut IoBuf {
-        self.buf
-            .as_mut()
-            .expect("read/write request without a buffer")
+        self.buf.as_mut().expect("read/write request without a buffer")
     }
 }
 
@@ -202,25 +170,11 @@ pub struct BlockStatus {
 impl BlockStatus {
     /// Allocated data at this layer.
     pub fn data(len: u64, offset: Option<u64>) -> BlockStatus {
-        BlockStatus {
-            len,
-            data: true,
-            zero: false,
-            allocated: true,
-            depth: 0,
-            offset,
-        }
+        BlockStatus { len, data: true, zero: false, allocated: true, depth: 0, offset }
     }
 
     /// Allocated, reads as zeroes.
     pub fn zero(len: u64) -> BlockStatus {
-        BlockStatus {
-            len,
-            data: false,
-            zero: true,
-            allocated: true,
-            depth: 0,
-            offset: None,
-        }
+        BlockStatus { len, data: false, zero: true, allocated: true, depth: 0, offset: None }
     }
 }

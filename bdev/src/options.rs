@@ -14,19 +14,14 @@ pub struct OptReader {
 }
 
 fn type_error(key: &str, expected: &str) -> BdevError {
-    BdevError::invalid(format!(
-        "Invalid parameter type for '{key}', expected: {expected}"
-    ))
+    BdevError::invalid(format!("Invalid parameter type for '{key}', expected: {expected}"))
 }
 
 impl OptReader {
     /// Reads a JSON object; anything else is refused.
     pub fn new(value: Value) -> Result<OptReader, BdevError> {
         match value {
-            Value::Object(map) => Ok(OptReader {
-                map,
-                prefix: String::new(),
-            }),
+            Value::Object(map) => Ok(OptReader { map, prefix: String::new() }),
             _ => Err(BdevError::invalid("Options must be a JSON object")),
         }
     }
@@ -69,10 +64,9 @@ impl OptReader {
             None => Ok(None),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) => Ok(Some(v)),
-                None => Err(BdevError::invalid(format!(
-                    "Parameter '{}' expects a non-negative integer",
-                    self.full(key)
-                ))),
+                None => {
+                    Err(BdevError::invalid(format!("Parameter '{}' expects a non-negative integer", self.full(key))))
+                }
             },
             Some(_) => Err(type_error(&self.full(key), "integer")),
         }
@@ -90,10 +84,7 @@ impl OptReader {
         if allowed.contains(&v.as_str()) {
             Ok(Some(v))
         } else {
-            Err(BdevError::invalid(format!(
-                "Parameter '{}' does not accept value '{v}'",
-                self.full(key)
-            )))
+            Err(BdevError::invalid(format!("Parameter '{}' does not accept value '{v}'", self.full(key))))
         }
     }
 
@@ -101,10 +92,7 @@ impl OptReader {
     pub fn object_opt(&mut self, key: &str) -> Result<Option<OptReader>, BdevError> {
         match self.map.remove(key) {
             None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(OptReader {
-                map,
-                prefix: format!("{}.", self.full(key)),
-            })),
+            Some(Value::Object(map)) => Ok(Some(OptReader { map, prefix: format!("{}.", self.full(key)) })),
             Some(_) => Err(type_error(&self.full(key), "object")),
         }
     }
@@ -117,10 +105,7 @@ impl OptReader {
     pub fn finish(self) -> Result<(), BdevError> {
         match self.map.keys().next() {
             None => Ok(()),
-            Some(k) => Err(BdevError::invalid(format!(
-                "Parameter '{}{k}' is unexpected",
-                self.prefix
-            ))),
+            Some(k) => Err(BdevError::invalid(format!("Parameter '{}{k}' is unexpected", self.prefix))),
         }
     }
 }
@@ -198,17 +183,11 @@ impl CommonOptions {
                 (direct, no_flush)
             }
         };
-        let discard = match opts
-            .enum_opt("discard", &["ignore", "off", "unmap", "on"])?
-            .as_deref()
-        {
+        let discard = match opts.enum_opt("discard", &["ignore", "off", "unmap", "on"])?.as_deref() {
             Some("unmap") | Some("on") => DiscardMode::Unmap,
             _ => DiscardMode::Ignore,
         };
-        let detect_zeroes = match opts
-            .enum_opt("detect-zeroes", &["off", "on", "unmap"])?
-            .as_deref()
-        {
+        let detect_zeroes = match opts.enum_opt("detect-zeroes", &["off", "on", "unmap"])?.as_deref() {
             Some("on") => DetectZeroes::On,
             Some("unmap") => DetectZeroes::Unmap,
             _ => DetectZeroes::Off,
@@ -251,43 +230,25 @@ mod tests {
 
     #[test]
     fn qemu_wording_for_mistakes() {
-        let mut o = OptReader::new(json!({"size": "big", "n": -1, "cache": {"direct": 1}, "x": 1}))
-            .unwrap();
-        assert_eq!(
-            o.u64_opt("size").unwrap_err().to_string(),
-            "Invalid parameter type for 'size', expected: integer"
-        );
-        assert_eq!(
-            o.u64_opt("n").unwrap_err().to_string(),
-            "Parameter 'n' expects a non-negative integer"
-        );
+        let mut o = OptReader::new(json!({"size": "big", "n": -1, "cache": {"direct": 1}, "x": 1})).unwrap();
+        assert_eq!(o.u64_opt("size").unwrap_err().to_string(), "Invalid parameter type for 'size', expected: integer");
+        assert_eq!(o.u64_opt("n").unwrap_err().to_string(), "Parameter 'n' expects a non-negative integer");
         let mut c = o.object_opt("cache").unwrap().unwrap();
         assert_eq!(
             c.bool_opt("direct").unwrap_err().to_string(),
             "Invalid parameter type for 'cache.direct', expected: boolean"
         );
-        assert_eq!(
-            o.str_req("filename").unwrap_err().to_string(),
-            "Parameter 'filename' is missing"
-        );
-        assert_eq!(
-            o.finish().unwrap_err().to_string(),
-            "Parameter 'x' is unexpected"
-        );
+        assert_eq!(o.str_req("filename").unwrap_err().to_string(), "Parameter 'filename' is missing");
+        assert_eq!(o.finish().unwrap_err().to_string(), "Parameter 'x' is unexpected");
         let mut o = OptReader::new(json!({"discard": "maybe"})).unwrap();
         assert_eq!(
-            o.enum_opt("discard", &["ignore", "unmap"])
-                .unwrap_err()
-                .to_string(),
+            o.enum_opt("discard", &["ignore", "unmap"]).unwrap_err().to_string(),
             "Parameter 'discard' does not accept value 'maybe'"
         );
         let o = OptReader::new(json!({"cache": {"bogus": true}})).unwrap();
         let mut o2 = o.clone();
         let c = o2.object_opt("cache").unwrap().unwrap();
-        assert_eq!(
-            c.finish().unwrap_err().to_string(),
-            "Parameter 'cache.bogus' is unexpected"
-        );
+        assert_eq!(c.finish().unwrap_err().to_string(), "Parameter 'cache.bogus' is unexpected");
         assert!(OptReader::new(json!([1])).is_err());
     }
 
@@ -309,15 +270,10 @@ mod tests {
             validate_node_name(ok).unwrap();
         }
         for bad in ["", "1bad", "#block1", "a b", "é"] {
-            assert_eq!(
-                validate_node_name(bad).unwrap_err().to_string(),
-                format!("Invalid node-name: '{bad}'")
-            );
+            assert_eq!(validate_node_name(bad).unwrap_err().to_string(), format!("Invalid node-name: '{bad}'"));
         }
         assert_eq!(
-            validate_node_name("a2345678901234567890123456789012")
-                .unwrap_err()
-                .to_string(),
+            validate_node_name("a2345678901234567890123456789012").unwrap_err().to_string(),
             "Node name too long"
         );
     }

@@ -30,17 +30,10 @@ fn file_target(direct: bool) -> Target {
     let node = env.add(json!({"driver": "file", "node-name": "f0", "filename": path.to_str().unwrap(), "discard": "unmap", "cache": {"direct": direct}}));
     assert_eq!(node.describe()["cache"]["direct"], json!(direct));
     if direct {
-        assert!(
-            node.bdev().block_size() >= 512,
-            "O_DIRECT implies an alignment"
-        );
+        assert!(node.bdev().block_size() >= 512, "O_DIRECT implies an alignment");
     }
     Target {
-        name: if direct {
-            "file-direct"
-        } else {
-            "file-buffered"
-        },
+        name: if direct { "file-direct" } else { "file-buffered" },
         env,
         node,
         discard_zeroes: true,
@@ -51,41 +44,20 @@ fn file_target(direct: bool) -> Target {
 fn targets() -> Vec<Target> {
     let mut out = vec![file_target(false), file_target(true)];
     let mut env = Env::new();
-    let node =
-        env.add(json!({"driver": "malloc", "node-name": "m0", "size": SIZE, "discard": "unmap"}));
-    out.push(Target {
-        name: "malloc",
-        env,
-        node,
-        discard_zeroes: true,
-        _dir: None,
-    });
+    let node = env.add(json!({"driver": "malloc", "node-name": "m0", "size": SIZE, "discard": "unmap"}));
+    out.push(Target { name: "malloc", env, node, discard_zeroes: true, _dir: None });
     let mut env = Env::new();
-    let node = env.add(json!({"driver": "malloc", "node-name": "m4k", "size": SIZE, "block-size": 4096, "discard": "unmap"}));
-    out.push(Target {
-        name: "malloc-4k",
-        env,
-        node,
-        discard_zeroes: true,
-        _dir: None,
-    });
+    let node =
+        env.add(json!({"driver": "malloc", "node-name": "m4k", "size": SIZE, "block-size": 4096, "discard": "unmap"}));
+    out.push(Target { name: "malloc-4k", env, node, discard_zeroes: true, _dir: None });
     // raw over file, with a window offset.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("raw.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(SIZE + (1 << 20))
-        .unwrap();
+    std::fs::File::create(&path).unwrap().set_len(SIZE + (1 << 20)).unwrap();
     let mut env = Env::new();
     let node = env.add(json!({"driver": "raw", "node-name": "r0", "offset": 1 << 20, "size": SIZE, "discard": "unmap",
         "file": {"driver": "file", "filename": path.to_str().unwrap(), "discard": "unmap"}}));
-    out.push(Target {
-        name: "raw-offset",
-        env,
-        node,
-        discard_zeroes: true,
-        _dir: Some(dir),
-    });
+    out.push(Target { name: "raw-offset", env, node, discard_zeroes: true, _dir: Some(dir) });
     out
 }
 
@@ -97,31 +69,19 @@ fn for_each(test: impl Fn(&Target)) {
 }
 
 async fn write_pattern(ch: &bdev::BlockChannel, offset: u64, len: usize, seed: u8) {
-    let (_, res) = ch
-        .write(
-            offset,
-            IoBuf::from_slice(&pattern(offset, len, seed)),
-            IoFlags::NONE,
-        )
-        .await;
+    let (_, res) = ch.write(offset, IoBuf::from_slice(&pattern(offset, len, seed)), IoFlags::NONE).await;
     res.unwrap();
 }
 
 async fn expect_pattern(ch: &bdev::BlockChannel, offset: u64, len: usize, seed: u8) {
     let got = ch.read(offset, len).await.unwrap();
-    assert!(
-        got[..] == pattern(offset, len, seed)[..],
-        "pattern mismatch at {offset}+{len}"
-    );
+    assert!(got[..] == pattern(offset, len, seed)[..], "pattern mismatch at {offset}+{len}");
 }
 
 async fn expect_zero(ch: &bdev::BlockChannel, offset: u64, len: usize) {
     let got = ch.read(offset, len).await.unwrap();
     if let Some(i) = got.iter().position(|&b| b != 0) {
-        panic!(
-            "byte {} not zero after zeroing {offset}+{len}",
-            offset + i as u64
-        );
+        panic!("byte {} not zero after zeroing {offset}+{len}", offset + i as u64);
     }
 }
 
@@ -129,13 +89,7 @@ async fn expect_zero(ch: &bdev::BlockChannel, offset: u64, len: usize) {
 fn read_after_write() {
     for_each(|t| {
         t.env.on(0, &t.node, |ch| async move {
-            for (off, len) in [
-                (0u64, 4096usize),
-                (4096, 512),
-                (65536, 65536),
-                (SIZE - 4096, 4096),
-                (1 << 20, 131072),
-            ] {
+            for (off, len) in [(0u64, 4096usize), (4096, 512), (65536, 65536), (SIZE - 4096, 4096), (1 << 20, 131072)] {
                 write_pattern(&ch, off, len, 1).await;
                 expect_pattern(&ch, off, len, 1).await;
             }
@@ -171,9 +125,7 @@ fn write_zeroes_with_and_without_unmap() {
             write_pattern(&ch, 0, 1 << 20, 5).await;
             ch.write_zeroes(4096, 65536, IoFlags::NONE).await.unwrap();
             expect_zero(&ch, 4096, 65536).await;
-            ch.write_zeroes(131072, 131072, IoFlags::MAY_UNMAP)
-                .await
-                .unwrap();
+            ch.write_zeroes(131072, 131072, IoFlags::MAY_UNMAP).await.unwrap();
             expect_zero(&ch, 131072, 131072).await;
             expect_pattern(&ch, 0, 4096, 5).await;
             expect_pattern(&ch, 69632, 131072 - 69632, 5).await;
@@ -194,9 +146,7 @@ fn discard_and_flush() {
                 expect_zero(&ch, 65536, 262144).await;
             }
             expect_pattern(&ch, 0, 65536, 6).await;
-            let (_, res) = ch
-                .write(0, IoBuf::from_slice(&pattern(0, 4096, 7)), IoFlags::FUA)
-                .await;
+            let (_, res) = ch.write(0, IoBuf::from_slice(&pattern(0, 4096, 7)), IoFlags::FUA).await;
             res.unwrap();
             expect_pattern(&ch, 0, 4096, 7).await;
             ch.flush().await.unwrap();
@@ -210,29 +160,13 @@ fn boundaries_are_enforced() {
         t.env.on(0, &t.node, |ch| async move {
             let size = ch.size();
             assert_eq!(size, SIZE);
-            assert_eq!(
-                ch.read(size - 512, 1024).await.unwrap_err(),
-                IoError::OutOfRange
-            );
+            assert_eq!(ch.read(size - 512, 1024).await.unwrap_err(), IoError::OutOfRange);
             assert_eq!(ch.read(size, 512).await.unwrap_err(), IoError::OutOfRange);
-            assert_eq!(
-                ch.read(u64::MAX - 100, 512).await.unwrap_err(),
-                IoError::OutOfRange
-            );
+            assert_eq!(ch.read(u64::MAX - 100, 512).await.unwrap_err(), IoError::OutOfRange);
             let (_, res) = ch.write(size, IoBuf::zeroed(512), IoFlags::NONE).await;
             assert_eq!(res.unwrap_err(), IoError::OutOfRange);
-            assert_eq!(
-                ch.write_zeroes(size - 512, 1024, IoFlags::NONE)
-                    .await
-                    .unwrap_err(),
-                IoError::OutOfRange
-            );
-            assert_eq!(
-                ch.read(0, (bdev::IO_BYTES_MAX + 512) as usize)
-                    .await
-                    .unwrap_err(),
-                IoError::Invalid
-            );
+            assert_eq!(ch.write_zeroes(size - 512, 1024, IoFlags::NONE).await.unwrap_err(), IoError::OutOfRange);
+            assert_eq!(ch.read(0, (bdev::IO_BYTES_MAX + 512) as usize).await.unwrap_err(), IoError::Invalid);
             // Zero-length requests succeed and touch nothing.
             assert_eq!(ch.read(0, 0).await.unwrap().len(), 0);
             // The last block works.
@@ -261,9 +195,7 @@ fn many_concurrent_requests() {
             let writes: Vec<_> = (0..n)
                 .map(|i| {
                     let ch = ch.clone();
-                    reactor::spawn_local(async move {
-                        write_pattern(&ch, i * blk, blk as usize, 10).await
-                    })
+                    reactor::spawn_local(async move { write_pattern(&ch, i * blk, blk as usize, 10).await })
                 })
                 .collect();
             for w in writes {
@@ -272,9 +204,7 @@ fn many_concurrent_requests() {
             let reads: Vec<_> = (0..n)
                 .map(|i| {
                     let ch = ch.clone();
-                    reactor::spawn_local(async move {
-                        expect_pattern(&ch, i * blk, blk as usize, 10).await
-                    })
+                    reactor::spawn_local(async move { expect_pattern(&ch, i * blk, blk as usize, 10).await })
                 })
                 .collect();
             for r in reads {
@@ -287,12 +217,8 @@ fn many_concurrent_requests() {
 #[test]
 fn data_written_on_one_reactor_reads_on_another() {
     for_each(|t| {
-        t.env.on(0, &t.node, |ch| async move {
-            write_pattern(&ch, 12345, 70000, 11).await
-        });
-        t.env.on(1, &t.node, |ch| async move {
-            expect_pattern(&ch, 12345, 70000, 11).await
-        });
+        t.env.on(0, &t.node, |ch| async move { write_pattern(&ch, 12345, 70000, 11).await });
+        t.env.on(1, &t.node, |ch| async move { expect_pattern(&ch, 12345, 70000, 11).await });
     });
 }
 
@@ -316,15 +242,13 @@ fn read_only_nodes_refuse_writes() {
     let path = dir.path().join("ro.img");
     std::fs::write(&path, vec![0x5a; 65536]).unwrap();
     let mut env = Env::new();
-    let node = env.add(json!({"driver": "file", "node-name": "ro", "filename": path.to_str().unwrap(), "read-only": true}));
+    let node =
+        env.add(json!({"driver": "file", "node-name": "ro", "filename": path.to_str().unwrap(), "read-only": true}));
     env.on(0, &node, |ch| async move {
         assert!(ch.read_only());
         let (_, res) = ch.write(0, IoBuf::zeroed(512), IoFlags::NONE).await;
         assert_eq!(res.unwrap_err(), IoError::ReadOnly);
-        assert_eq!(
-            ch.write_zeroes(0, 512, IoFlags::NONE).await.unwrap_err(),
-            IoError::ReadOnly
-        );
+        assert_eq!(ch.write_zeroes(0, 512, IoFlags::NONE).await.unwrap_err(), IoError::ReadOnly);
         assert_eq!(ch.discard(0, 512).await.unwrap_err(), IoError::ReadOnly);
         assert!(ch.read(0, 512).await.unwrap().iter().all(|&b| b == 0x5a));
     });
@@ -336,8 +260,7 @@ fn file_holes_report_zero_and_data_reports_data() {
     let path = dir.path().join("sparse.img");
     std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
     let mut env = Env::new();
-    let node =
-        env.add(json!({"driver": "file", "node-name": "s", "filename": path.to_str().unwrap()}));
+    let node = env.add(json!({"driver": "file", "node-name": "s", "filename": path.to_str().unwrap()}));
     env.on(0, &node, |ch| async move {
         let st = ch.block_status(0, SIZE).await.unwrap();
         assert!(st.zero && !st.data, "a fresh sparse file is a hole: {st:?}");
@@ -353,8 +276,7 @@ fn file_holes_report_zero_and_data_reports_data() {
 #[test]
 fn null_device_reads_zeroes_when_asked_and_accepts_everything() {
     let mut env = Env::new();
-    let zeroes = env
-        .add(json!({"driver": "null-co", "node-name": "nz", "size": 1 << 20, "read-zeroes": true}));
+    let zeroes = env.add(json!({"driver": "null-co", "node-name": "nz", "size": 1 << 20, "read-zeroes": true}));
     let plain = env.add(json!({"driver": "null-co", "node-name": "np"}));
     assert_eq!(plain.size(), 1 << 30);
     env.on(0, &zeroes, |ch| async move {
@@ -372,9 +294,7 @@ fn null_device_reads_zeroes_when_asked_and_accepts_everything() {
         ch.discard(0, 1 << 20).await.unwrap();
         assert!(ch.block_status(0, 4096).await.unwrap().data);
     });
-    let slow = env.add(
-        json!({"driver": "null-co", "node-name": "nl", "size": 1 << 20, "latency-ns": 2_000_000}),
-    );
+    let slow = env.add(json!({"driver": "null-co", "node-name": "nl", "size": 1 << 20, "latency-ns": 2_000_000}));
     let t0 = std::time::Instant::now();
     env.on(0, &slow, |ch| async move { ch.read(0, 512).await.unwrap() });
     assert!(t0.elapsed() >= std::time::Duration::from_millis(2));
@@ -393,10 +313,7 @@ fn detect_zeroes_turns_zero_writes_into_holes() {
         expect_zero(&ch, 0, 1 << 20).await;
         ch.flush().await.unwrap();
         let st = ch.block_status(0, 1 << 20).await.unwrap();
-        assert!(
-            st.zero,
-            "zero write with detect-zeroes=unmap must punch a hole: {st:?}"
-        );
+        assert!(st.zero, "zero write with detect-zeroes=unmap must punch a hole: {st:?}");
     });
 }
 
@@ -421,22 +338,13 @@ fn reads_across_end_of_file_return_zeroes_after_a_short_read() {
     let path = dir.path().join("shrink.img");
     std::fs::write(&path, vec![0x33u8; 1 << 20]).unwrap();
     let mut env = Env::new();
-    let node = env.add(json!({"driver": "file", "node-name": "s", "filename": path.to_str().unwrap(), "cache": {"direct": false}}));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(512 << 10)
-        .unwrap();
+    let node = env.add(
+        json!({"driver": "file", "node-name": "s", "filename": path.to_str().unwrap(), "cache": {"direct": false}}),
+    );
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 << 10).unwrap();
     env.on(0, &node, |ch| async move {
         let got = ch.read(448 << 10, 128 << 10).await.unwrap();
-        assert!(
-            got[..64 << 10].iter().all(|&b| b == 0x33),
-            "bytes before end of file"
-        );
-        assert!(
-            got[64 << 10..].iter().all(|&b| b == 0),
-            "bytes past end of file read as zero"
-        );
+        assert!(got[..64 << 10].iter().all(|&b| b == 0x33), "bytes before end of file");
+        assert!(got[64 << 10..].iter().all(|&b| b == 0), "bytes past end of file read as zero");
     });
 }

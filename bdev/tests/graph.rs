@@ -24,73 +24,40 @@ fn add_errors_use_qemu_wording() {
     let mut env = Env::new();
     env.add(json!({"driver": "file", "node-name": "f0", "filename": f}));
     assert_eq!(
-        err(
-            &mut env,
-            json!({"driver": "file", "node-name": "f0", "filename": f})
-        ),
+        err(&mut env, json!({"driver": "file", "node-name": "f0", "filename": f})),
         "Duplicate nodes with node-name='f0'"
     );
+    assert_eq!(err(&mut env, json!({"driver": "file", "node-name": "f1"})), "Parameter 'filename' is missing");
     assert_eq!(
-        err(&mut env, json!({"driver": "file", "node-name": "f1"})),
-        "Parameter 'filename' is missing"
-    );
-    assert_eq!(
-        err(
-            &mut env,
-            json!({"driver": "file", "node-name": "f1", "filename": f, "bogus": 1})
-        ),
+        err(&mut env, json!({"driver": "file", "node-name": "f1", "filename": f, "bogus": 1})),
         "Parameter 'bogus' is unexpected"
     );
     assert_eq!(
-        err(
-            &mut env,
-            json!({"driver": "file", "node-name": "1bad", "filename": f})
-        ),
+        err(&mut env, json!({"driver": "file", "node-name": "1bad", "filename": f})),
         "Invalid node-name: '1bad'"
     );
     assert_eq!(
         err(&mut env, json!({"driver": "nosuch", "node-name": "x"})),
         "Parameter 'driver' does not accept value 'nosuch'"
     );
+    assert_eq!(err(&mut env, json!({"node-name": "x"})), "Parameter 'driver' is missing");
     assert_eq!(
-        err(&mut env, json!({"node-name": "x"})),
-        "Parameter 'driver' is missing"
-    );
-    assert_eq!(
-        err(
-            &mut env,
-            json!({"driver": "null-co", "node-name": "n1", "size": "big"})
-        ),
+        err(&mut env, json!({"driver": "null-co", "node-name": "n1", "size": "big"})),
         "Invalid parameter type for 'size', expected: integer"
     );
-    assert_eq!(
-        err(&mut env, json!({"driver": "null-co"})),
-        "'node-name' must be specified for the root node"
-    );
+    assert_eq!(err(&mut env, json!({"driver": "null-co"})), "'node-name' must be specified for the root node");
     let missing = dir.path().join("nope.img");
     assert_eq!(
-        err(
-            &mut env,
-            json!({"driver": "file", "node-name": "f2", "filename": missing})
-        ),
-        format!(
-            "Could not open '{}': No such file or directory (os error 2)",
-            missing.display()
-        )
+        err(&mut env, json!({"driver": "file", "node-name": "f2", "filename": missing})),
+        format!("Could not open '{}': No such file or directory (os error 2)", missing.display())
     );
     assert_eq!(
-        err(
-            &mut env,
-            json!({"driver": "malloc", "node-name": "m", "size": 1000})
-        ),
+        err(&mut env, json!({"driver": "malloc", "node-name": "m", "size": 1000})),
         "size 1000 must be a non-zero multiple of the block size 512"
     );
     assert!(
-        err(
-            &mut env,
-            json!({"driver": "file", "node-name": "f3", "filename": f, "locking": "on"})
-        )
-        .contains("locking=on")
+        err(&mut env, json!({"driver": "file", "node-name": "f3", "filename": f, "locking": "on"}))
+            .contains("locking=on")
     );
     // Nothing half-made survives a failed add.
     assert_eq!(env.graph.len(), 1);
@@ -101,9 +68,7 @@ fn inline_children_are_implicit_and_go_with_their_parent() {
     let dir = tempfile::tempdir().unwrap();
     let f = img(&dir, "a.img", 1 << 20);
     let mut env = Env::new();
-    let raw = env.add(
-        json!({"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": f}}),
-    );
+    let raw = env.add(json!({"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": f}}));
     let child = raw.children()[0].1.clone();
     assert!(child.is_implicit());
     assert!(child.name().starts_with("#block"));
@@ -112,10 +77,7 @@ fn inline_children_are_implicit_and_go_with_their_parent() {
     assert!(e.contains("created implicitly"), "{e}");
     drop(child);
     env.graph.remove("r0").unwrap();
-    assert!(
-        env.graph.is_empty(),
-        "implicit child must be deleted with its parent"
-    );
+    assert!(env.graph.is_empty(), "implicit child must be deleted with its parent");
 }
 
 #[test]
@@ -147,19 +109,13 @@ fn nodes_in_use_cannot_be_deleted() {
     }
     let r0 = env.graph.get("r0").unwrap();
     let claim = r0.claim("export 'e0'", Access::Write).unwrap();
-    assert_eq!(
-        env.graph.remove("r0").unwrap_err().to_string(),
-        "Node 'r0' is in use by export 'e0'"
-    );
+    assert_eq!(env.graph.remove("r0").unwrap_err().to_string(), "Node 'r0' is in use by export 'e0'");
     drop(claim);
     drop(r0);
     env.graph.remove("r0").unwrap();
     // The explicit child stays, now free.
     env.graph.remove("f0").unwrap();
-    assert_eq!(
-        env.graph.remove("f0").unwrap_err().to_string(),
-        "Failed to find node with node-name='f0'"
-    );
+    assert_eq!(env.graph.remove("f0").unwrap_err().to_string(), "Failed to find node with node-name='f0'");
 }
 
 #[test]
@@ -169,10 +125,7 @@ fn claims_enforce_exclusive_writers_and_read_only() {
     let r1 = m.claim("export 'a'", Access::Read).unwrap();
     let w1 = m.claim("export 'b'", Access::Write).unwrap();
     let w2 = m.claim("export 'c'", Access::Write).unwrap();
-    let e = m
-        .claim("job 'j'", Access::ExclusiveWrite)
-        .unwrap_err()
-        .to_string();
+    let e = m.claim("job 'j'", Access::ExclusiveWrite).unwrap_err().to_string();
     assert_eq!(e, "Node 'm' is claimed for exclusive writing by export 'b'");
     drop((w1, w2));
     let x = m.claim("job 'j'", Access::ExclusiveWrite).unwrap();
@@ -183,19 +136,13 @@ fn claims_enforce_exclusive_writers_and_read_only() {
 
     let dir = tempfile::tempdir().unwrap();
     let f = img(&dir, "ro.img", 1 << 20);
-    let ro =
-        env.add(json!({"driver": "file", "node-name": "ro", "filename": f, "read-only": true}));
+    let ro = env.add(json!({"driver": "file", "node-name": "ro", "filename": f, "read-only": true}));
     assert_eq!(
-        ro.claim("export 'w'", Access::Write)
-            .unwrap_err()
-            .to_string(),
+        ro.claim("export 'w'", Access::Write).unwrap_err().to_string(),
         "Node 'ro' is read-only; export 'w' needs write access"
     );
     // A writable raw cannot sit on a read-only file node.
-    let e = err(
-        &mut env,
-        json!({"driver": "raw", "node-name": "r", "file": "ro"}),
-    );
+    let e = err(&mut env, json!({"driver": "raw", "node-name": "r", "file": "ro"}));
     assert!(e.contains("read-only"), "{e}");
     env.add(json!({"driver": "raw", "node-name": "r", "file": "ro", "read-only": true}));
 }
@@ -205,16 +152,11 @@ fn describe_and_save_config() {
     let dir = tempfile::tempdir().unwrap();
     let f = img(&dir, "a.img", 1 << 20);
     let mut env = Env::new();
-    env.add(
-        json!({"driver": "file", "node-name": "f0", "filename": f, "cache": {"direct": false}}),
-    );
+    env.add(json!({"driver": "file", "node-name": "f0", "filename": f, "cache": {"direct": false}}));
     env.add(json!({"driver": "null-co", "node-name": "n0", "size": 1048576}));
     env.add(json!({"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": f}}));
     let d = env.graph.describe();
-    let names: Vec<_> = d
-        .iter()
-        .map(|n| n["node-name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<_> = d.iter().map(|n| n["node-name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names[0], "r0", "newest first");
     assert_eq!(names.len(), 4);
     let f0 = d.iter().find(|n| n["node-name"] == "f0").unwrap();
@@ -227,11 +169,7 @@ fn describe_and_save_config() {
     let n0 = d.iter().find(|n| n["node-name"] == "n0").unwrap();
     assert_eq!(n0["file"], r#"json:{"driver":"null-co","size":1048576}"#);
     let cfg = env.graph.save_config();
-    assert_eq!(
-        cfg.len(),
-        3,
-        "implicit nodes are part of their parent's options"
-    );
+    assert_eq!(cfg.len(), 3, "implicit nodes are part of their parent's options");
     assert_eq!(cfg[0]["method"], "blockdev-add");
     assert_eq!(cfg[2]["params"]["node-name"], "r0");
 
@@ -240,12 +178,7 @@ fn describe_and_save_config() {
     for entry in cfg {
         env2.graph.add(entry["params"].clone()).unwrap();
     }
-    let names2: Vec<_> = env2
-        .graph
-        .describe()
-        .iter()
-        .map(|n| n["node-name"].as_str().unwrap().to_string())
-        .collect();
+    let names2: Vec<_> = env2.graph.describe().iter().map(|n| n["node-name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names2.len(), names.len());
 }
 
@@ -256,13 +189,7 @@ fn deleting_flushes_data_to_the_file() {
     let mut env = Env::new();
     let node = env.add(json!({"driver": "file", "node-name": "f0", "filename": f}));
     env.on(0, &node, |ch| async move {
-        let (_, res) = ch
-            .write(
-                4096,
-                reactor::IoBuf::from_slice(&[0xabu8; 4096]),
-                bdev::IoFlags::NONE,
-            )
-            .await;
+        let (_, res) = ch.write(4096, reactor::IoBuf::from_slice(&[0xabu8; 4096]), bdev::IoFlags::NONE).await;
         res.unwrap();
     });
     drop(node);

@@ -48,13 +48,7 @@ impl IoDone for Loop {
     }
 }
 
-fn closed_loop(
-    node: &Arc<Node>,
-    reactors: &reactor::Reactors,
-    iters: u64,
-    qd: u64,
-    io_size: usize,
-) -> Duration {
+fn closed_loop(node: &Arc<Node>, reactors: &reactor::Reactors, iters: u64, qd: u64, io_size: usize) -> Duration {
     let node = Arc::clone(node);
     reactors.handles()[0]
         .run(move || async move {
@@ -84,12 +78,8 @@ fn closed_loop(
 fn null_and_malloc(c: &mut Criterion) {
     let reactors = spindle_benches::polling_reactors(1);
     let mut graph = Graph::new(reactors.handles().to_vec());
-    let null = graph
-        .add(json!({"driver": "null-co", "node-name": "n0"}))
-        .unwrap();
-    let malloc = graph
-        .add(json!({"driver": "malloc", "node-name": "m0", "size": 256 << 20}))
-        .unwrap();
+    let null = graph.add(json!({"driver": "null-co", "node-name": "n0"})).unwrap();
+    let malloc = graph.add(json!({"driver": "malloc", "node-name": "m0", "size": 256 << 20})).unwrap();
     // Touch every page of the RAM disk first, so reads copy real memory
     // (untouched pages would all map the kernel's one zero page).
     let m = Arc::clone(&malloc);

@@ -49,11 +49,7 @@ impl IoBuf {
         if let Some(ptr) = POOL.with(|p| p.borrow_mut().take(cap)) {
             return IoBuf { ptr, len, cap };
         }
-        IoBuf {
-            ptr: alloc_zeroed(cap),
-            len,
-            cap,
-        }
+        IoBuf { ptr: alloc_zeroed(cap), len, cap }
     }
 
     /// A buffer of `len` zero bytes.
@@ -84,11 +80,7 @@ impl IoBuf {
 
     /// Changes the logical length; `len` must not exceed the capacity.
     pub fn set_len(&mut self, len: usize) {
-        assert!(
-            len <= self.cap,
-            "IoBuf::set_len {len} beyond capacity {}",
-            self.cap
-        );
+        assert!(len <= self.cap, "IoBuf::set_len {len} beyond capacity {}", self.cap);
         self.len = len;
     }
 
@@ -126,10 +118,7 @@ impl std::ops::DerefMut for IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoBuf")
-            .field("len", &self.len)
-            .field("cap", &self.cap)
-            .finish()
+        f.debug_struct("IoBuf").field("len", &self.len).field("cap", &self.cap).finish()
     }
 }
 
@@ -138,13 +127,7 @@ impl Drop for IoBuf {
         let ptr = self.ptr;
         let cap = self.cap;
         // During thread teardown the pool may already be gone: free directly.
-        let kept = POOL
-            .try_with(|p| {
-                p.try_borrow_mut()
-                    .map(|mut p| p.put(ptr, cap))
-                    .unwrap_or(false)
-            })
-            .unwrap_or(false);
+        let kept = POOL.try_with(|p| p.try_borrow_mut().map(|mut p| p.put(ptr, cap)).unwrap_or(false)).unwrap_or(false);
         if !kept {
             dealloc(ptr, cap);
         }
@@ -250,10 +233,7 @@ impl MemRegion {
     /// Maps `len` bytes of zeroed, lazily committed memory.
     pub fn new(len: usize) -> std::io::Result<MemRegion> {
         if len == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "size must be non-zero",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "size must be non-zero"));
         }
         // SAFETY: a fresh private anonymous mapping touches no existing memory.
         let ptr = unsafe {
@@ -382,11 +362,7 @@ mod tests {
         let p = a.as_mut_ptr();
         drop(a);
         let mut b = IoBuf::new(5000);
-        assert_eq!(
-            b.as_mut_ptr(),
-            p,
-            "class 8 KiB buffer should come back from the pool"
-        );
+        assert_eq!(b.as_mut_ptr(), p, "class 8 KiB buffer should come back from the pool");
     }
 
     #[test]

@@ -21,9 +21,7 @@ pub enum CpuSetError {
 /// Cores this process may run on, in ascending order.
 pub fn allowed_cores() -> Result<Vec<usize>, CpuSetError> {
     let set = sched_getaffinity(Pid::from_raw(0)).map_err(CpuSetError::Affinity)?;
-    Ok((0..CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .collect())
+    Ok((0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect())
 }
 
 /// Parses a cpumask and checks every core against the allowed set.
@@ -41,21 +39,14 @@ fn parse_syntax(text: &str) -> Result<Vec<usize>, CpuSetError> {
     let syntax = || CpuSetError::Syntax(text.to_string());
     let mut cores = Vec::new();
     let is_list = t.starts_with('[') || t.contains(',') || t.contains('-');
-    if let Some(hex) = t
-        .strip_prefix("0x")
-        .or_else(|| t.strip_prefix("0X"))
-        .or(if is_list { None } else { Some(t) })
-    {
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).or(if is_list { None } else { Some(t) }) {
         if hex.is_empty() || hex.len() > 32 {
             return Err(syntax());
         }
         let mask = u128::from_str_radix(hex, 16).map_err(|_| syntax())?;
         cores.extend((0..128).filter(|b| mask & (1u128 << b) != 0));
     } else {
-        let inner = t
-            .strip_prefix('[')
-            .and_then(|s| s.strip_suffix(']'))
-            .unwrap_or(t);
+        let inner = t.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(t);
         for part in inner.split(',') {
             let part = part.trim();
             let (a, b) = match part.split_once('-') {
@@ -110,10 +101,7 @@ mod tests {
     #[test]
     fn unavailable_core_is_named() {
         let err = parse_cpumask("[100000]").unwrap_err();
-        assert!(matches!(
-            err,
-            CpuSetError::Syntax(_) | CpuSetError::Unavailable { .. }
-        ));
+        assert!(matches!(err, CpuSetError::Syntax(_) | CpuSetError::Unavailable { .. }));
         let allowed = allowed_cores().unwrap();
         assert!(!allowed.is_empty());
         let first = allowed[0];

@@ -50,8 +50,7 @@ impl Wake for TaskWaker {
             current().executor().schedule(self.task);
         } else {
             let task = self.task;
-            self.reactor
-                .post(Box::new(move || current().executor().schedule(task)));
+            self.reactor.post(Box::new(move || current().executor().schedule(task)));
         }
     }
 }
@@ -72,18 +71,9 @@ impl Executor {
         let mut tasks = self.tasks.borrow_mut();
         let entry = tasks.vacant_entry();
         let task = entry.key();
-        let wake_state = Arc::new(TaskWaker {
-            reactor: Arc::clone(shared),
-            task,
-            queued: AtomicBool::new(true),
-        });
+        let wake_state = Arc::new(TaskWaker { reactor: Arc::clone(shared), task, queued: AtomicBool::new(true) });
         let waker = Waker::from(Arc::clone(&wake_state));
-        entry.insert(TaskSlot {
-            fut: Some(fut),
-            waker,
-            wake_state,
-            generation,
-        });
+        entry.insert(TaskSlot { fut: Some(fut), waker, wake_state, generation });
         self.ready.borrow_mut().push_back(task);
         (task, generation)
     }
@@ -230,10 +220,7 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
-    let state = Rc::new(RefCell::new(JoinState {
-        result: None,
-        waker: None,
-    }));
+    let state = Rc::new(RefCell::new(JoinState { result: None, waker: None }));
     let st = Rc::clone(&state);
     let wrapped = async move {
         let v = fut.await;
@@ -247,14 +234,8 @@ where
         }
     };
     let reactor = current();
-    let (task, generation) = reactor
-        .executor()
-        .spawn(reactor.shared(), Box::pin(wrapped));
-    JoinHandle {
-        state,
-        task,
-        generation,
-    }
+    let (task, generation) = reactor.executor().spawn(reactor.shared(), Box::pin(wrapped));
+    JoinHandle { state, task, generation }
 }
 
 /// Yields once, letting other tasks, messages and completions run.

@@ -28,18 +28,11 @@ pub struct Reactors {
 impl Reactors {
     /// Starts one reactor per core in `cores` (pinned when `pin`), and
     /// returns once every one of them is running.
-    pub fn start(
-        cores: &[usize],
-        pin: bool,
-        options: ReactorOptions,
-    ) -> Result<Reactors, StartError> {
+    pub fn start(cores: &[usize], pin: bool, options: ReactorOptions) -> Result<Reactors, StartError> {
         if cores.is_empty() {
             return Err(StartError::NoCores);
         }
-        let mut reactors = Reactors {
-            handles: Vec::new(),
-            threads: Vec::new(),
-        };
+        let mut reactors = Reactors { handles: Vec::new(), threads: Vec::new() };
         for &core in cores {
             let (tx, rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -71,9 +64,7 @@ impl Reactors {
                 }
                 Err(_) => {
                     reactors.stop();
-                    return Err(StartError::Spawn(std::io::Error::other(
-                        "reactor thread died during start",
-                    )));
+                    return Err(StartError::Spawn(std::io::Error::other("reactor thread died during start")));
                 }
             }
         }

@@ -24,11 +24,7 @@ pub enum PollStatus {
 
 impl PollStatus {
     pub fn from_busy(busy: bool) -> PollStatus {
-        if busy {
-            PollStatus::Busy
-        } else {
-            PollStatus::Idle
-        }
+        if busy { PollStatus::Busy } else { PollStatus::Idle }
     }
 }
 
@@ -83,10 +79,7 @@ impl Pollers {
                 self.active.borrow_mut().push(id);
                 self.active_gen.set(self.active_gen.get() + 1);
             }
-            Some(p) => self
-                .timed
-                .borrow_mut()
-                .push(Reverse((Instant::now() + p, id))),
+            Some(p) => self.timed.borrow_mut().push(Reverse((Instant::now() + p, id))),
         }
         PollerId(id)
     }
@@ -130,9 +123,7 @@ impl Pollers {
             let id = {
                 let mut timed = self.timed.borrow_mut();
                 match timed.peek() {
-                    Some(Reverse((due, _))) if *due <= now => {
-                        timed.pop().map(|Reverse((_, id))| id)
-                    }
+                    Some(Reverse((due, _))) if *due <= now => timed.pop().map(|Reverse((_, id))| id),
                     _ => None,
                 }
             };
@@ -181,12 +172,7 @@ impl Pollers {
         self.slots
             .borrow()
             .iter()
-            .map(|(_, s)| PollerInfo {
-                name: s.name.clone(),
-                period: s.period,
-                runs: s.runs,
-                busy_runs: s.busy_runs,
-            })
+            .map(|(_, s)| PollerInfo { name: s.name.clone(), period: s.period, runs: s.runs, busy_runs: s.busy_runs })
             .collect()
     }
 

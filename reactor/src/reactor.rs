@@ -65,9 +65,7 @@ impl std::str::FromStr for PollMode {
             "adaptive" => Ok(PollMode::Adaptive),
             "poll" => Ok(PollMode::Poll),
             "interrupt" => Ok(PollMode::Interrupt),
-            other => Err(format!(
-                "poll mode '{other}' is not one of adaptive, poll, interrupt"
-            )),
+            other => Err(format!("poll mode '{other}' is not one of adaptive, poll, interrupt")),
         }
     }
 }
@@ -191,10 +189,7 @@ pub struct Handle {
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handle")
-            .field("id", &self.shared.id)
-            .field("core", &self.shared.core)
-            .finish()
+        f.debug_struct("Handle").field("id", &self.shared.id).field("core", &self.shared.core).finish()
     }
 }
 
@@ -345,9 +340,7 @@ impl Reactor {
     }
 
     pub fn handle(&self) -> Handle {
-        Handle {
-            shared: Arc::clone(&self.shared),
-        }
+        Handle { shared: Arc::clone(&self.shared) }
     }
 
     pub fn id(&self) -> usize {
@@ -446,11 +439,7 @@ impl Reactor {
         self.last_tick.set(now);
         let stats = &self.shared.stats;
         stats.ticks.fetch_add(1, Ordering::Relaxed);
-        let counter = if self.last_tick_busy.get() {
-            &stats.busy_ns
-        } else {
-            &stats.idle_ns
-        };
+        let counter = if self.last_tick_busy.get() { &stats.busy_ns } else { &stats.idle_ns };
         counter.fetch_add(spent, Ordering::Relaxed);
     }
 
@@ -482,10 +471,7 @@ impl Reactor {
             n += 1;
         }
         if n > 0 {
-            self.shared
-                .stats
-                .msgs
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.shared.stats.msgs.fetch_add(n as u64, Ordering::Relaxed);
         }
         n > 0
     }
@@ -529,9 +515,7 @@ impl Reactor {
             self.shared.sleeping.store(false, Ordering::Relaxed);
             return;
         }
-        let timeout = self
-            .next_deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()));
+        let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
         self.shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         self.ring.enter(Some(timeout));
         self.shared.sleeping.store(false, Ordering::Relaxed);
@@ -582,10 +566,7 @@ impl Reactor {
         }
         let mut handle = std::pin::pin!(handle);
         let waker = std::task::Waker::noop();
-        match handle
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(waker))
-        {
+        match handle.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
             std::task::Poll::Ready(v) => v,
             std::task::Poll::Pending => unreachable!("finished task without output"),
         }

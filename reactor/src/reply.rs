@@ -48,20 +48,9 @@ pub struct Reply<T> {
 
 /// A fresh reply channel.
 pub fn reply<T>() -> (ReplyTx<T>, Reply<T>) {
-    let inner = Arc::new(Inner {
-        state: Mutex::new(State {
-            value: None,
-            closed: false,
-            waker: None,
-        }),
-        cond: Condvar::new(),
-    });
-    (
-        ReplyTx {
-            inner: Some(Arc::clone(&inner)),
-        },
-        Reply { inner },
-    )
+    let inner =
+        Arc::new(Inner { state: Mutex::new(State { value: None, closed: false, waker: None }), cond: Condvar::new() });
+    (ReplyTx { inner: Some(Arc::clone(&inner)) }, Reply { inner })
 }
 
 impl<T> ReplyTx<T> {
@@ -113,12 +102,7 @@ impl<T> Reply<T> {
             if now >= deadline {
                 return Err(WaitError::TimedOut(timeout));
             }
-            st = self
-                .inner
-                .cond
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.inner.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         st.value.take().ok_or(WaitError::Canceled)
     }
@@ -157,9 +141,6 @@ mod tests {
     #[test]
     fn wait_timeout_times_out() {
         let (_tx, rx) = reply::<u32>();
-        assert_eq!(
-            rx.wait_timeout(Duration::from_millis(10)),
-            Err(WaitError::TimedOut(Duration::from_millis(10)))
-        );
+        assert_eq!(rx.wait_timeout(Duration::from_millis(10)), Err(WaitError::TimedOut(Duration::from_millis(10))));
     }
 }

@@ -110,18 +110,12 @@ impl Drop for Sleep {
 
 /// Completes after `dur` (on the current reactor).
 pub fn sleep(dur: Duration) -> Sleep {
-    Sleep {
-        deadline: Instant::now() + dur,
-        key: None,
-    }
+    Sleep { deadline: Instant::now() + dur, key: None }
 }
 
 /// Completes at `deadline`.
 pub fn sleep_until(deadline: Instant) -> Sleep {
-    Sleep {
-        deadline,
-        key: None,
-    }
+    Sleep { deadline, key: None }
 }
 
 /// `fut` did not finish in time.

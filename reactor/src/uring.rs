@@ -103,10 +103,7 @@ impl Op {
     /// The buffer the operation owned, now that the kernel is done with it.
     pub fn into_buf(self) -> Option<IoBuf> {
         match self {
-            Op::Read { buf, .. }
-            | Op::Write { buf, .. }
-            | Op::Recv { buf, .. }
-            | Op::Send { buf, .. } => Some(buf),
+            Op::Read { buf, .. } | Op::Write { buf, .. } | Op::Recv { buf, .. } | Op::Send { buf, .. } => Some(buf),
             _ => None,
         }
     }
@@ -118,8 +115,7 @@ impl Op {
             | Op::Recv { buf, at, len, .. }
             | Op::Send { buf, at, len, .. } => {
                 assert!(
-                    at.checked_add(*len)
-                        .is_some_and(|end| end <= buf.capacity()),
+                    at.checked_add(*len).is_some_and(|end| end <= buf.capacity()),
                     "uring op range {at}+{len} beyond buffer capacity {}",
                     buf.capacity()
                 );
@@ -134,55 +130,25 @@ impl Op {
     fn entry(&mut self) -> squeue::Entry {
         match self {
             Op::Nop => opcode::Nop::new().build(),
-            Op::Read {
-                fd,
-                offset,
-                buf,
-                at,
-                len,
-            } => {
+            Op::Read { fd, offset, buf, at, len } => {
                 // SAFETY: check() established at + len <= capacity, so the
                 // offset pointer stays inside the allocation.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
-                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32)
-                    .offset(*offset)
-                    .build()
+                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).offset(*offset).build()
             }
-            Op::Write {
-                fd,
-                offset,
-                buf,
-                at,
-                len,
-                fua,
-            } => {
+            Op::Write { fd, offset, buf, at, len, fua } => {
                 // SAFETY: as for Read.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32)
-                    .offset(*offset)
-                    .rw_flags(flags)
-                    .build()
+                opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).offset(*offset).rw_flags(flags).build()
             }
             Op::Fsync { fd, datasync } => {
-                let flags = if *datasync {
-                    types::FsyncFlags::DATASYNC
-                } else {
-                    types::FsyncFlags::empty()
-                };
-                opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
-                    .flags(flags)
-                    .build()
+                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(flags).build()
             }
-            Op::Fallocate {
-                fd,
-                mode,
-                offset,
-                len,
-            } => opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), *len)
-                .offset(*offset)
-                .mode(*mode)
-                .build(),
+            Op::Fallocate { fd, mode, offset, len } => {
+                opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), *len).offset(*offset).mode(*mode).build()
+            }
             Op::Recv { fd, buf, at, len } => {
                 // SAFETY: as for Read.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
@@ -191,20 +157,14 @@ impl Op {
             Op::Send { fd, buf, at, len } => {
                 // SAFETY: as for Read.
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
-                opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32)
-                    .flags(libc::MSG_NOSIGNAL)
+                opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).flags(libc::MSG_NOSIGNAL).build()
+            }
+            Op::Accept { fd } => {
+                opcode::Accept::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
+                    .flags(libc::SOCK_CLOEXEC)
                     .build()
             }
-            Op::Accept { fd } => opcode::Accept::new(
-                types::Fd(fd.as_raw_fd()),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-            .flags(libc::SOCK_CLOEXEC)
-            .build(),
-            Op::PollAdd { fd, events } => {
-                opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build()
-            }
+            Op::PollAdd { fd, events } => opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build(),
         }
     }
 }
@@ -276,9 +236,7 @@ impl Ring {
                 )
             })?;
         if !ring.params().is_feature_ext_arg() {
-            return Err(io::Error::other(
-                "kernel lacks IORING_FEAT_EXT_ARG (Linux 5.11 or newer is needed)",
-            ));
+            return Err(io::Error::other("kernel lacks IORING_FEAT_EXT_ARG (Linux 5.11 or newer is needed)"));
         }
         Ok(Ring {
             inner: RefCell::new(RingInner {
@@ -302,11 +260,7 @@ impl Ring {
     /// Submits `op` and returns a future for its completion.
     pub fn submit(self: &Rc<Self>, op: Op) -> OpFuture {
         let key = self.queue(op, Waiter::Future(None));
-        OpFuture {
-            ring: Rc::clone(self),
-            key,
-            done: false,
-        }
+        OpFuture { ring: Rc::clone(self), key, done: false }
     }
 
     fn queue(&self, op: Op, waiter: Waiter) -> usize {
@@ -340,17 +294,8 @@ impl Ring {
             return;
         }
         inner.wakeup_armed = true;
-        let op = Op::Read {
-            fd: Arc::clone(eventfd),
-            offset: u64::MAX,
-            buf: IoBuf::new(8),
-            at: 0,
-            len: 8,
-        };
-        let key = inner.inflight.insert(Inflight {
-            op,
-            waiter: Waiter::Wakeup,
-        });
+        let op = Op::Read { fd: Arc::clone(eventfd), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 };
+        let key = inner.inflight.insert(Inflight { op, waiter: Waiter::Wakeup });
         inner.push(key);
     }
 
@@ -475,9 +420,7 @@ impl RingInner {
     }
 
     fn push_cancel(&mut self, key: usize) {
-        let entry = opcode::AsyncCancel::new(key as u64)
-            .build()
-            .user_data(CANCEL_USER_DATA);
+        let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
         // SAFETY: a cancel SQE carries no pointers, only the target's user_data.
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
             self.unsubmitted = true;
@@ -497,9 +440,7 @@ impl RingInner {
             if !self.inflight.contains(key) {
                 continue;
             }
-            let entry = opcode::AsyncCancel::new(key as u64)
-                .build()
-                .user_data(CANCEL_USER_DATA);
+            let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
             // SAFETY: a cancel SQE carries no pointers.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
                 self.cancel_backlog.push_front(key);
@@ -515,10 +456,7 @@ impl Drop for Ring {
         let inner = self.inner.get_mut();
         let live = inner.inflight.len() - usize::from(inner.wakeup_armed);
         if live > 0 {
-            tracing::error!(
-                live,
-                "io_uring dropped with operations in flight; leaking their buffers"
-            );
+            tracing::error!(live, "io_uring dropped with operations in flight; leaking their buffers");
         }
         // Whatever is still in flight may be written by the kernel until the
         // ring fd closes and the requests are torn down: never free it.
@@ -622,29 +560,12 @@ mod uring_tests {
         let (_f, fd) = temp_file(&[0u8; 8192]);
         let mut buf = IoBuf::new(4096);
         buf.fill(0x5a);
-        let (res, op) = block_on(
-            &ring,
-            ring.submit(Op::Write {
-                fd: fd.clone(),
-                offset: 4096,
-                buf,
-                at: 0,
-                len: 4096,
-                fua: false,
-            }),
-        );
+        let (res, op) =
+            block_on(&ring, ring.submit(Op::Write { fd: fd.clone(), offset: 4096, buf, at: 0, len: 4096, fua: false }));
         assert_eq!(res, 4096);
         drop(op);
-        let (res, op) = block_on(
-            &ring,
-            ring.submit(Op::Read {
-                fd,
-                offset: 4096,
-                buf: IoBuf::new(4096),
-                at: 0,
-                len: 4096,
-            }),
-        );
+        let (res, op) =
+            block_on(&ring, ring.submit(Op::Read { fd, offset: 4096, buf: IoBuf::new(4096), at: 0, len: 4096 }));
         assert_eq!(res, 4096);
         assert!(op.into_buf().unwrap().iter().all(|&b| b == 0x5a));
         assert_eq!(ring.inflight(), 0);
@@ -655,9 +576,7 @@ mod uring_tests {
         struct Cb(RefCell<Vec<(u64, i32, usize)>>);
         impl OpCallback for Cb {
             fn op_done(&self, tag: u64, res: i32, op: Op) {
-                self.0
-                    .borrow_mut()
-                    .push((tag, res, op.into_buf().map_or(0, |b| b.len())));
+                self.0.borrow_mut().push((tag, res, op.into_buf().map_or(0, |b| b.len())));
             }
         }
         let ring = Rc::new(Ring::new(4).unwrap());
@@ -666,13 +585,7 @@ mod uring_tests {
         // More operations than SQ slots: the backlog must carry the rest.
         for i in 0..16u64 {
             ring.submit_with(
-                Op::Read {
-                    fd: fd.clone(),
-                    offset: i * 4096,
-                    buf: IoBuf::new(4096),
-                    at: 0,
-                    len: 4096,
-                },
+                Op::Read { fd: fd.clone(), offset: i * 4096, buf: IoBuf::new(4096), at: 0, len: 4096 },
                 cb.clone(),
                 i,
             );
@@ -693,13 +606,7 @@ mod uring_tests {
         let (r, w) = nix::unistd::pipe().unwrap();
         let (res, _) = block_on(
             &ring,
-            ring.submit(Op::Read {
-                fd: Arc::new(w),
-                offset: u64::MAX,
-                buf: IoBuf::new(8),
-                at: 0,
-                len: 8,
-            }),
+            ring.submit(Op::Read { fd: Arc::new(w), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 }),
         );
         assert_eq!(res, -libc::EBADF);
         drop(r);
@@ -712,20 +619,10 @@ mod uring_tests {
         // the entry stays in the table (abandoned) until the cancel's CQE.
         let ring = Rc::new(Ring::new(4).unwrap());
         let (r, w) = nix::unistd::pipe().unwrap();
-        let fut = ring.submit(Op::Read {
-            fd: Arc::new(r),
-            offset: u64::MAX,
-            buf: IoBuf::new(4096),
-            at: 0,
-            len: 4096,
-        });
+        let fut = ring.submit(Op::Read { fd: Arc::new(r), offset: u64::MAX, buf: IoBuf::new(4096), at: 0, len: 4096 });
         ring.enter(None);
         drop(fut);
-        assert_eq!(
-            ring.inflight(),
-            1,
-            "abandoned op must stay in flight until its CQE"
-        );
+        assert_eq!(ring.inflight(), 1, "abandoned op must stay in flight until its CQE");
         for _ in 0..50 {
             ring.enter(Some(Some(Duration::from_millis(20))));
             ring.reap();
@@ -733,11 +630,7 @@ mod uring_tests {
                 break;
             }
         }
-        assert_eq!(
-            ring.inflight(),
-            0,
-            "cancelled op must be released at its CQE"
-        );
+        assert_eq!(ring.inflight(), 0, "cancelled op must be released at its CQE");
         drop(w);
     }
 }

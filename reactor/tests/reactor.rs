@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reactor::{
-    IoBuf, Op, PollMode, PollStatus, Reactor, ReactorOptions, Reactors, current, reply, sleep,
-    spawn_local, timeout, yield_now,
+    IoBuf, Op, PollMode, PollStatus, Reactor, ReactorOptions, Reactors, current, reply, sleep, spawn_local, timeout,
+    yield_now,
 };
 
 fn local() -> Rc<Reactor> {
@@ -19,10 +19,7 @@ fn local() -> Rc<Reactor> {
 fn two_reactors(mode: PollMode) -> Reactors {
     let cores = reactor::cpuset::allowed_cores().unwrap();
     let cores: Vec<usize> = cores.iter().copied().cycle().take(2).collect();
-    let opts = ReactorOptions {
-        poll_mode: mode,
-        ..ReactorOptions::default()
-    };
+    let opts = ReactorOptions { poll_mode: mode, ..ReactorOptions::default() };
     // Pinning two reactors to the same core is fine for tests on 1-core machines.
     Reactors::start(&cores, true, opts).unwrap()
 }
@@ -98,11 +95,7 @@ fn pollers_run_until_unregistered_and_timed_pollers_fire() {
         sleep(Duration::from_millis(60)).await;
     });
     assert_eq!(active_runs.get(), 10);
-    assert!(
-        timed_runs.get() >= 3,
-        "timed poller ran {} times",
-        timed_runs.get()
-    );
+    assert!(timed_runs.get() >= 3, "timed poller ran {} times", timed_runs.get());
 }
 
 #[test]
@@ -140,11 +133,7 @@ fn many_messages_all_delivered_in_order_per_sender() {
     for i in 0..n {
         let seen = Arc::clone(&seen);
         b.send(move || {
-            assert_eq!(
-                seen.fetch_add(1, Ordering::SeqCst),
-                i,
-                "messages out of order"
-            );
+            assert_eq!(seen.fetch_add(1, Ordering::SeqCst), i, "messages out of order");
         });
     }
     b.call(|| ()).wait().unwrap();
@@ -160,11 +149,7 @@ fn idle_reactor_sleeps_and_wakes_for_messages() {
     std::thread::sleep(Duration::from_millis(100));
     let s2 = b.stats();
     // Asleep: almost no ticks while idle (a spinning reactor makes millions).
-    assert!(
-        s2.ticks - s1.ticks < 1000,
-        "idle reactor ticked {} times in 100 ms",
-        s2.ticks - s1.ticks
-    );
+    assert!(s2.ticks - s1.ticks < 1000, "idle reactor ticked {} times in 100 ms", s2.ticks - s1.ticks);
     assert!(s2.sleeps >= 1);
     // A message still gets through to the sleeping reactor.
     for _ in 0..100 {
@@ -180,11 +165,7 @@ fn poll_mode_spins() {
     std::thread::sleep(Duration::from_millis(50));
     let s = b.stats();
     assert_eq!(s.sleeps, 0);
-    assert!(
-        s.ticks > 1000,
-        "a polling reactor must spin (ticks {})",
-        s.ticks
-    );
+    assert!(s.ticks > 1000, "a polling reactor must spin (ticks {})", s.ticks);
 }
 
 #[test]
@@ -224,14 +205,7 @@ fn uring_io_from_a_task() {
     let r = local();
     let (res, op) = r.block_on(async move {
         let ring = Rc::clone(current().ring());
-        ring.submit(Op::Read {
-            fd,
-            offset: 0,
-            buf: IoBuf::new(4096),
-            at: 0,
-            len: 4096,
-        })
-        .await
+        ring.submit(Op::Read { fd, offset: 0, buf: IoBuf::new(4096), at: 0, len: 4096 }).await
     });
     assert_eq!(res, 4096);
     assert!(op.into_buf().unwrap().iter().all(|&b| b == 7));

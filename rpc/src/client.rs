@@ -9,19 +9,15 @@ use serde_json::{Map, Value, json};
 
 use crate::framing::{Frame, Framer};
 
+/// Largest answer the client accepts (answers can be far larger than requests).
+const ANSWER_BYTES_MAX: usize = 256 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {path}: {source} (is the daemon running?)")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
     #[error("{message} (code {code})")]
-    Rpc {
-        code: i64,
-        message: String,
-        data: Option<Value>,
-    },
+    Rpc { code: i64, message: String, data: Option<Value> },
     #[error("connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("no answer within {0:?}")]
@@ -41,18 +37,11 @@ pub struct Client {
 impl Client {
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(Client {
-            stream,
-            framer: Framer::new(),
-            next_id: 1,
-            timeout,
-        })
+        Ok(Client { stream, framer: Framer::with_limit(ANSWER_BYTES_MAX), next_id: 1, timeout })
     }
 
     /// Sends one request and waits for its answer, skipping notifications.
@@ -63,9 +52,11 @@ impl Client {
         if let Some(p) = params {
             req["params"] = p;
         }
+        // The timeout covers the whole call, however the answer trickles in.
+        let deadline = std::time::Instant::now() + self.timeout;
         self.stream.write_all(req.to_string().as_bytes())?;
         loop {
-            let v = self.next_value()?;
+            let v = self.next_value(deadline)?;
             if v.get("id") != Some(&json!(id)) {
                 // An event notification (or someone else's answer): not ours.
                 continue;
@@ -73,11 +64,7 @@ impl Client {
             if let Some(err) = v.get("error") {
                 return Err(ClientError::Rpc {
                     code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
-                    message: err
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    message: err.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
                     data: err.get("data").cloned(),
                 });
             }
@@ -88,7 +75,7 @@ impl Client {
         }
     }
 
-    fn next_value(&mut self) -> Result<Value, ClientError> {
+    fn next_value(&mut self, deadline: std::time::Instant) -> Result<Value, ClientError> {
         let mut chunk = [0u8; 16 << 10];
         loop {
             match self.framer.next_frame() {
@@ -99,19 +86,18 @@ impl Client {
                 Frame::TooLarge => return Err(ClientError::Protocol("answer too large".into())),
                 Frame::Incomplete => {}
             }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(self.timeout));
+            }
+            self.stream.set_read_timeout(Some(left))?;
             let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Ok(0) => {
-                    return Err(ClientError::Protocol(
-                        "the daemon closed the connection".into(),
-                    ));
+                    return Err(ClientError::Protocol("the daemon closed the connection".into()));
                 }
                 Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                     return Err(ClientError::Timeout(self.timeout));
                 }
                 Err(e) => return Err(e.into()),
@@ -135,14 +121,11 @@ pub fn parse_cli_params(args: &[String]) -> Result<Option<Value>, String> {
     }
     let mut root = Map::new();
     for arg in args {
-        let (key, raw) = arg
-            .split_once('=')
-            .ok_or_else(|| format!("'{arg}' is not key=value (or a JSON object)"))?;
+        let (key, raw) = arg.split_once('=').ok_or_else(|| format!("'{arg}' is not key=value (or a JSON object)"))?;
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(format!("'{arg}': empty key"));
         }
-        let value =
-            serde_json::from_str::<Value>(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+        let value = serde_json::from_str::<Value>(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
         insert_dotted(&mut root, key, value)?;
     }
     Ok(Some(Value::Object(root)))
@@ -164,9 +147,7 @@ fn insert_dotted(root: &mut Map<String, Value>, key: &str, value: Value) -> Resu
             map.insert(part.to_string(), value);
             return Ok(());
         }
-        let entry = map
-            .entry(part.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
+        let entry = map.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
         map = match entry {
             Value::Object(m) => m,
             _ => return Err(format!("key '{path}' is both a value and an object")),
@@ -187,38 +168,23 @@ mod tests {
     fn key_values() {
         assert_eq!(p(&[]).unwrap(), None);
         assert_eq!(
-            p(&[
-                "driver=file",
-                "size=1048576",
-                "read-only=true",
-                "filename=/tmp/a.img",
-                "x={\"a\":1}"
-            ])
-            .unwrap()
-            .unwrap(),
+            p(&["driver=file", "size=1048576", "read-only=true", "filename=/tmp/a.img", "x={\"a\":1}"])
+                .unwrap()
+                .unwrap(),
             json!({"driver": "file", "size": 1048576, "read-only": true, "filename": "/tmp/a.img", "x": {"a": 1}})
         );
         assert_eq!(
-            p(&["cache.direct=true", "file.driver=file", "file.filename=/x"])
-                .unwrap()
-                .unwrap(),
+            p(&["cache.direct=true", "file.driver=file", "file.filename=/x"]).unwrap().unwrap(),
             json!({"cache": {"direct": true}, "file": {"driver": "file", "filename": "/x"}})
         );
-        assert_eq!(
-            p(&["command=write -P 0xab 0 64k"]).unwrap().unwrap(),
-            json!({"command": "write -P 0xab 0 64k"})
-        );
+        assert_eq!(p(&["command=write -P 0xab 0 64k"]).unwrap().unwrap(), json!({"command": "write -P 0xab 0 64k"}));
         assert_eq!(p(&["{\"a\": 1}"]).unwrap().unwrap(), json!({"a": 1}));
     }
 
     #[test]
     fn mistakes() {
         assert!(p(&["a=1", "a=2"]).unwrap_err().contains("given twice"));
-        assert!(
-            p(&["a=1", "a.b=2"])
-                .unwrap_err()
-                .contains("both a value and an object")
-        );
+        assert!(p(&["a=1", "a.b=2"]).unwrap_err().contains("both a value and an object"));
         assert!(p(&["novalue"]).unwrap_err().contains("not key=value"));
         assert!(p(&["=1"]).unwrap_err().contains("empty key"));
         assert!(p(&["a..b=1"]).unwrap_err().contains("empty key"));

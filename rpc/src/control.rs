@@ -75,11 +75,7 @@ impl Control {
 
 /// A request for the control thread.
 pub enum ControlMsg {
-    Call {
-        method: String,
-        params: Option<Value>,
-        reply: Sender<Result<Value, RpcError>>,
-    },
+    Call { method: String, params: Option<Value>, reply: Sender<Result<Value, RpcError>> },
     Shutdown(ShutdownReason),
 }
 
@@ -105,34 +101,21 @@ impl Dispatcher for ControlSender {
     fn dispatch(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         let (tx, rx) = bounded(1);
         self.0
-            .send(ControlMsg::Call {
-                method: method.to_string(),
-                params,
-                reply: tx,
-            })
+            .send(ControlMsg::Call { method: method.to_string(), params, reply: tx })
             .map_err(|_| RpcError::failed("the daemon is shutting down"))?;
-        rx.recv()
-            .unwrap_or_else(|_| Err(RpcError::failed("the daemon is shutting down")))
+        rx.recv().unwrap_or_else(|_| Err(RpcError::failed("the daemon is shutting down")))
     }
 }
 
 /// Runs commands until a shutdown is requested; returns why. Commands still
 /// queued at that point are refused.
-pub fn run_control_loop(
-    ctl: &mut Control,
-    registry: &Registry<Control>,
-    rx: Receiver<ControlMsg>,
-) -> ShutdownReason {
+pub fn run_control_loop(ctl: &mut Control, registry: &Registry<Control>, rx: Receiver<ControlMsg>) -> ShutdownReason {
     let reason = loop {
         let Ok(msg) = rx.recv() else {
             break ShutdownReason::Signal;
         };
         match msg {
-            ControlMsg::Call {
-                method,
-                params,
-                reply,
-            } => {
+            ControlMsg::Call { method, params, reply } => {
                 tracing::debug!(%method, "command");
                 let result = registry.call(ctl, &method, params);
                 if let Err(e) = &result {
@@ -146,10 +129,7 @@ pub fn run_control_loop(
             break reason;
         }
     };
-    ctl.events.emit(
-        "SHUTDOWN",
-        json!({"guest": false, "reason": reason.qemu_name()}),
-    );
+    ctl.events.emit("SHUTDOWN", json!({"guest": false, "reason": reason.qemu_name()}));
     while let Ok(msg) = rx.try_recv() {
         if let ControlMsg::Call { reply, .. } = msg {
             let _ = reply.send(Err(RpcError::failed("the daemon is shutting down")));
@@ -168,9 +148,7 @@ pub fn bdev_error(e: BdevError) -> RpcError {
         BdevError::NodeNotFound(_) => RpcError::not_found(msg),
         BdevError::DuplicateNode(_) => RpcError::exists(msg),
         BdevError::InUse { .. } | BdevError::Conflict { .. } => RpcError::busy(msg),
-        BdevError::ReadOnly { .. } | BdevError::Open { .. } | BdevError::Io { .. } => {
-            RpcError::failed(msg)
-        }
+        BdevError::ReadOnly { .. } | BdevError::Open { .. } | BdevError::Io { .. } => RpcError::failed(msg),
         BdevError::ReactorGone => RpcError::internal(msg),
     }
 }

@@ -31,10 +31,7 @@ pub struct RpcError {
 
 impl RpcError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> RpcError {
-        RpcError {
-            kind,
-            message: message.into(),
-        }
+        RpcError { kind, message: message.into() }
     }
 
     pub fn parse_error(message: impl Into<String>) -> RpcError {
@@ -46,10 +43,7 @@ impl RpcError {
     }
 
     pub fn method_not_found(method: &str) -> RpcError {
-        RpcError::new(
-            ErrorKind::MethodNotFound,
-            format!("The command {method} has not been found"),
-        )
+        RpcError::new(ErrorKind::MethodNotFound, format!("The command {method} has not been found"))
     }
 
     pub fn invalid_params(message: impl Into<String>) -> RpcError {
@@ -125,10 +119,7 @@ mod tests {
     fn codes_and_classes() {
         assert_eq!(RpcError::method_not_found("x").code(), -32601);
         assert_eq!(RpcError::method_not_found("x").class(), "CommandNotFound");
-        assert_eq!(
-            RpcError::method_not_found("x").message,
-            "The command x has not been found"
-        );
+        assert_eq!(RpcError::method_not_found("x").message, "The command x has not been found");
         assert_eq!(RpcError::not_found("n").code(), -19);
         assert_eq!(RpcError::not_found("n").class(), "DeviceNotFound");
         assert_eq!(RpcError::exists("e").code(), -17);

@@ -26,17 +26,18 @@ pub struct Event {
 impl Event {
     /// QEMU's timestamp object: `{"seconds": .., "microseconds": ..}`.
     pub fn timestamp_json(&self) -> Value {
-        let d = self
-            .timestamp
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = self.timestamp.duration_since(UNIX_EPOCH).unwrap_or_default();
         json!({"seconds": d.as_secs(), "microseconds": d.subsec_micros()})
     }
 }
 
+/// Called once when a subscriber falls behind (the server closes its connection).
+pub type OverflowHook = Box<dyn Fn() + Send + Sync>;
+
 struct Subscriber {
     tx: Sender<Arc<Event>>,
     overflowed: Arc<AtomicBool>,
+    on_overflow: Option<OverflowHook>,
 }
 
 /// Fans events out to subscribers.
@@ -64,12 +65,19 @@ impl EventBus {
     }
 
     pub fn subscribe(&self) -> Subscription {
+        self.subscribe_inner(None)
+    }
+
+    /// Like `subscribe`; `on_overflow` runs once if the subscriber falls
+    /// behind, so its owner can act at once (close the connection).
+    pub fn subscribe_with_hook(&self, on_overflow: OverflowHook) -> Subscription {
+        self.subscribe_inner(Some(on_overflow))
+    }
+
+    fn subscribe_inner(&self, on_overflow: Option<OverflowHook>) -> Subscription {
         let (tx, rx) = bounded(EVENT_QUEUE_MAX);
         let overflowed = Arc::new(AtomicBool::new(false));
-        self.lock().push(Subscriber {
-            tx,
-            overflowed: Arc::clone(&overflowed),
-        });
+        self.lock().push(Subscriber { tx, overflowed: Arc::clone(&overflowed), on_overflow });
         Subscription { rx, overflowed }
     }
 
@@ -79,26 +87,21 @@ impl EventBus {
 
     /// Delivers an event to every live subscriber without blocking.
     pub fn emit(&self, name: &str, data: Value) {
-        let event = Arc::new(Event {
-            name: name.to_string(),
-            data,
-            timestamp: SystemTime::now(),
-        });
+        let event = Arc::new(Event { name: name.to_string(), data, timestamp: SystemTime::now() });
         tracing::debug!(event = name, "event");
-        self.lock()
-            .retain(|s| match s.tx.try_send(Arc::clone(&event)) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    if !s.overflowed.swap(true, Ordering::AcqRel) {
-                        tracing::warn!(
-                            event = name,
-                            "a client is not reading its events; dropping it"
-                        );
+        self.lock().retain(|s| match s.tx.try_send(Arc::clone(&event)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                if !s.overflowed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(event = name, "a client is not reading its events; dropping it");
+                    if let Some(hook) = &s.on_overflow {
+                        hook();
                     }
-                    false
                 }
-                Err(TrySendError::Disconnected(_)) => false,
-            });
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
     }
 
     /// Live subscribers.
@@ -137,6 +140,14 @@ mod tests {
         }
         assert!(slow.overflowed());
         assert!(!fast.overflowed());
+        let hooked = Arc::new(AtomicBool::new(false));
+        let h = Arc::clone(&hooked);
+        let _sub = bus.subscribe_with_hook(Box::new(move || h.store(true, Ordering::SeqCst)));
+        for _ in 0..=EVENT_QUEUE_MAX {
+            bus.emit("E", json!({}));
+            while fast.rx.try_recv().is_ok() {}
+        }
+        assert!(hooked.load(Ordering::SeqCst), "the hook runs when the subscriber overflows");
         assert_eq!(bus.subscribers(), 1);
         drop(fast);
         bus.emit("E", json!({}));
@@ -150,9 +161,6 @@ mod tests {
             data: json!({}),
             timestamp: UNIX_EPOCH + std::time::Duration::from_micros(1_500_002),
         };
-        assert_eq!(
-            e.timestamp_json(),
-            json!({"seconds": 1, "microseconds": 500002})
-        );
+        assert_eq!(e.timestamp_json(), json!({"seconds": 1, "microseconds": 500002}));
     }
 }

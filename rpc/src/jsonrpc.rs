@@ -31,21 +31,15 @@ pub fn parse_error_reply(message: &str) -> Value {
 /// to be answered (notifications).
 pub fn handle_value(dispatcher: &dyn Dispatcher, value: Value) -> Option<Value> {
     match value {
-        Value::Array(batch) if batch.is_empty() => Some(error_reply(
-            Value::Null,
-            &RpcError::invalid_request("empty batch"),
-        )),
+        Value::Array(batch) if batch.is_empty() => {
+            Some(error_reply(Value::Null, &RpcError::invalid_request("empty batch")))
+        }
         Value::Array(batch) if batch.len() > BATCH_REQUESTS_MAX => Some(error_reply(
             Value::Null,
-            &RpcError::invalid_request(format!(
-                "a batch holds at most {BATCH_REQUESTS_MAX} requests"
-            )),
+            &RpcError::invalid_request(format!("a batch holds at most {BATCH_REQUESTS_MAX} requests")),
         )),
         Value::Array(batch) => {
-            let replies: Vec<Value> = batch
-                .into_iter()
-                .filter_map(|r| handle_request(dispatcher, r))
-                .collect();
+            let replies: Vec<Value> = batch.into_iter().filter_map(|r| handle_request(dispatcher, r)).collect();
             (!replies.is_empty()).then_some(Value::Array(replies))
         }
         other => handle_request(dispatcher, other),
@@ -55,9 +49,7 @@ pub fn handle_value(dispatcher: &dyn Dispatcher, value: Value) -> Option<Value> 
 /// Validates one request; Err carries the id to answer with (when readable).
 fn check(req: &Map<String, Value>) -> Result<(), RpcError> {
     if let Some(k) = req.keys().find(|k| !MEMBERS.contains(&k.as_str())) {
-        return Err(RpcError::invalid_request(format!(
-            "unexpected member '{k}'"
-        )));
+        return Err(RpcError::invalid_request(format!("unexpected member '{k}'")));
     }
     match req.get("jsonrpc") {
         None => {}
@@ -69,18 +61,13 @@ fn check(req: &Map<String, Value>) -> Result<(), RpcError> {
     }
     match req.get("params") {
         None | Some(Value::Null) | Some(Value::Object(_)) | Some(Value::Array(_)) => Ok(()),
-        Some(_) => Err(RpcError::invalid_request(
-            "'params' must be an object or an array",
-        )),
+        Some(_) => Err(RpcError::invalid_request("'params' must be an object or an array")),
     }
 }
 
 fn handle_request(dispatcher: &dyn Dispatcher, value: Value) -> Option<Value> {
     let Value::Object(mut req) = value else {
-        return Some(error_reply(
-            Value::Null,
-            &RpcError::invalid_request("a request must be a JSON object"),
-        ));
+        return Some(error_reply(Value::Null, &RpcError::invalid_request("a request must be a JSON object")));
     };
     let id = match req.get("id") {
         None => None,
@@ -95,9 +82,7 @@ fn handle_request(dispatcher: &dyn Dispatcher, value: Value) -> Option<Value> {
     if let Err(e) = check(&req) {
         return Some(error_reply(id.unwrap_or(Value::Null), &e));
     }
-    let Some(Value::String(method)) = req.remove("method") else {
-        unreachable!("checked above")
-    };
+    let Some(Value::String(method)) = req.remove("method") else { unreachable!("checked above") };
     let params = req.remove("params").filter(|p| !p.is_null());
     let result = dispatcher.dispatch(&method, params);
     let id = id?;
@@ -144,15 +129,11 @@ mod tests {
     #[test]
     fn single_requests_and_ids() {
         for id in [json!(1), json!("a"), json!(null)] {
-            let r = h(json!({"jsonrpc": "2.0", "id": id, "method": "echo", "params": {"x": 1}}))
-                .unwrap();
+            let r = h(json!({"jsonrpc": "2.0", "id": id, "method": "echo", "params": {"x": 1}})).unwrap();
             assert_eq!(r, json!({"jsonrpc": "2.0", "id": id, "result": {"x": 1}}));
         }
         // jsonrpc may be omitted, as SPDK allows.
-        assert_eq!(
-            h(json!({"id": 2, "method": "echo"})).unwrap()["result"],
-            Value::Null
-        );
+        assert_eq!(h(json!({"id": 2, "method": "echo"})).unwrap()["result"], Value::Null);
         // Notifications run but get no reply.
         assert_eq!(h(json!({"jsonrpc": "2.0", "method": "echo"})), None);
     }
@@ -171,33 +152,17 @@ mod tests {
             (json!(5), "a request must be a JSON object"),
             (json!({"id": 1, "method": 5}), "'method' must be a string"),
             (json!({"id": 1}), "'method' must be a string"),
-            (
-                json!({"id": 1, "jsonrpc": "1.0", "method": "echo"}),
-                "'jsonrpc' must be \"2.0\"",
-            ),
-            (
-                json!({"id": 1, "method": "echo", "params": 3}),
-                "'params' must be an object or an array",
-            ),
-            (
-                json!({"id": 1, "method": "echo", "extra": 3}),
-                "unexpected member 'extra'",
-            ),
-            (
-                json!({"id": {}, "method": "echo"}),
-                "'id' must be a string, a number or null",
-            ),
+            (json!({"id": 1, "jsonrpc": "1.0", "method": "echo"}), "'jsonrpc' must be \"2.0\""),
+            (json!({"id": 1, "method": "echo", "params": 3}), "'params' must be an object or an array"),
+            (json!({"id": 1, "method": "echo", "extra": 3}), "unexpected member 'extra'"),
+            (json!({"id": {}, "method": "echo"}), "'id' must be a string, a number or null"),
         ];
         for (req, msg) in cases {
             let r = h(req.clone()).unwrap();
             assert_eq!(r["error"]["code"], -32600, "{req}");
             assert_eq!(r["error"]["message"], msg, "{req}");
         }
-        assert_eq!(
-            h(json!({"id": 9, "method": 1})).unwrap()["id"],
-            9,
-            "the id is echoed when readable"
-        );
+        assert_eq!(h(json!({"id": 9, "method": 1})).unwrap()["id"], 9, "the id is echoed when readable");
         assert_eq!(parse_error_reply("bad")["error"]["code"], -32700);
     }
 
@@ -217,19 +182,13 @@ mod tests {
         assert_eq!(r[2]["error"]["code"], -32600);
         assert_eq!(h(json!([{"method": "echo"}, {"method": "echo"}])), None);
         assert_eq!(h(json!([])).unwrap()["error"]["code"], -32600);
-        let big: Vec<Value> = (0..=BATCH_REQUESTS_MAX)
-            .map(|i| json!({"id": i, "method": "echo"}))
-            .collect();
+        let big: Vec<Value> = (0..=BATCH_REQUESTS_MAX).map(|i| json!({"id": i, "method": "echo"})).collect();
         assert_eq!(h(Value::Array(big)).unwrap()["error"]["code"], -32600);
     }
 
     #[test]
     fn notifications_carry_a_timestamp() {
-        let e = Event {
-            name: "SHUTDOWN".into(),
-            data: json!({"guest": false}),
-            timestamp: std::time::UNIX_EPOCH,
-        };
+        let e = Event { name: "SHUTDOWN".into(), data: json!({"guest": false}), timestamp: std::time::UNIX_EPOCH };
         assert_eq!(
             event_notification(&e),
             json!({"jsonrpc": "2.0", "method": "SHUTDOWN", "params": {"guest": false, "timestamp": {"seconds": 0, "microseconds": 0}}})

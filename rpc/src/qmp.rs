@@ -59,15 +59,8 @@ impl Session {
         reply
     }
 
-    fn execute(
-        &mut self,
-        dispatcher: &dyn Dispatcher,
-        mut req: serde_json::Map<String, Value>,
-    ) -> Value {
-        if let Some(k) = req
-            .keys()
-            .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "exec-oob"))
-        {
+    fn execute(&mut self, dispatcher: &dyn Dispatcher, mut req: serde_json::Map<String, Value>) -> Value {
+        if let Some(k) = req.keys().find(|k| !matches!(k.as_str(), "execute" | "arguments" | "exec-oob")) {
             return generic(format!("QMP input member '{k}' is unexpected"));
         }
         if req.contains_key("exec-oob") {
@@ -87,10 +80,7 @@ impl Session {
             return self.negotiate(args);
         }
         if !self.negotiated {
-            return error(
-                "CommandNotFound",
-                "Expecting capabilities negotiation with 'qmp_capabilities'",
-            );
+            return error("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'");
         }
         match dispatcher.dispatch(&command, args) {
             Ok(v) => json!({"return": v}),
@@ -100,20 +90,14 @@ impl Session {
 
     fn negotiate(&mut self, args: Option<Value>) -> Value {
         if self.negotiated {
-            return error(
-                "CommandNotFound",
-                "Capabilities negotiation is already complete, command ignored",
-            );
+            return error("CommandNotFound", "Capabilities negotiation is already complete, command ignored");
         }
         if let Some(Value::Object(mut a)) = args {
             if let Some(enable) = a.remove("enable") {
                 match enable {
                     Value::Array(caps) => {
                         if let Some(c) = caps.first() {
-                            return generic(format!(
-                                "Capability '{}' not available",
-                                c.as_str().unwrap_or("?")
-                            ));
+                            return generic(format!("Capability '{}' not available", c.as_str().unwrap_or("?")));
                         }
                     }
                     _ => return generic("Invalid parameter type for 'enable', expected: array"),
@@ -155,12 +139,7 @@ mod tests {
 
     #[test]
     fn greeting_shape() {
-        let g = greeting(&ServerInfo {
-            major: 0,
-            minor: 1,
-            micro: 2,
-            package: "spindle 0.1.2".into(),
-        });
+        let g = greeting(&ServerInfo { major: 0, minor: 1, micro: 2, package: "spindle 0.1.2".into() });
         assert_eq!(
             g,
             json!({"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 2}, "package": "spindle 0.1.2"}, "capabilities": []}})
@@ -175,36 +154,18 @@ mod tests {
             r,
             json!({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})
         );
-        let r = s.handle(
-            &D,
-            json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}),
-        );
+        let r = s.handle(&D, json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}));
         assert_eq!(r["error"]["desc"], "Capability 'oob' not available");
         assert!(!s.negotiated());
-        assert_eq!(
-            s.handle(&D, json!({"execute": "qmp_capabilities", "id": 1})),
-            json!({"return": {}, "id": 1})
-        );
+        assert_eq!(s.handle(&D, json!({"execute": "qmp_capabilities", "id": 1})), json!({"return": {}, "id": 1}));
         let r = s.handle(&D, json!({"execute": "qmp_capabilities"}));
+        assert_eq!(r["error"]["desc"], "Capabilities negotiation is already complete, command ignored");
         assert_eq!(
-            r["error"]["desc"],
-            "Capabilities negotiation is already complete, command ignored"
-        );
-        assert_eq!(
-            s.handle(
-                &D,
-                json!({"execute": "echo", "arguments": {"a": 1}, "id": "x"})
-            ),
+            s.handle(&D, json!({"execute": "echo", "arguments": {"a": 1}, "id": "x"})),
             json!({"return": {"a": 1}, "id": "x"})
         );
-        assert_eq!(
-            s.handle(&D, json!({"execute": "missing"}))["error"]["class"],
-            "DeviceNotFound"
-        );
-        assert_eq!(
-            s.handle(&D, json!({"execute": "nope"}))["error"]["class"],
-            "CommandNotFound"
-        );
+        assert_eq!(s.handle(&D, json!({"execute": "missing"}))["error"]["class"], "DeviceNotFound");
+        assert_eq!(s.handle(&D, json!({"execute": "nope"}))["error"]["class"], "CommandNotFound");
     }
 
     #[test]
@@ -214,33 +175,13 @@ mod tests {
             (json!([1]), "QMP input must be a JSON object"),
             (json!({"foo": 1}), "QMP input member 'foo' is unexpected"),
             (json!({"arguments": {}}), "QMP input lacks member 'execute'"),
-            (
-                json!({"execute": 1}),
-                "QMP input member 'execute' must be a string",
-            ),
-            (
-                json!({"execute": "echo", "arguments": []}),
-                "QMP input member 'arguments' must be an object",
-            ),
+            (json!({"execute": 1}), "QMP input member 'execute' must be a string"),
+            (json!({"execute": "echo", "arguments": []}), "QMP input member 'arguments' must be an object"),
         ];
         for (req, desc) in cases {
-            assert_eq!(
-                s.handle(&D, req.clone()),
-                json!({"error": {"class": "GenericError", "desc": desc}}),
-                "{req}"
-            );
+            assert_eq!(s.handle(&D, req.clone()), json!({"error": {"class": "GenericError", "desc": desc}}), "{req}");
         }
-        assert!(
-            s.handle(&D, json!({"exec-oob": "echo"}))["error"]["desc"]
-                .as_str()
-                .unwrap()
-                .contains("Out-of-band")
-        );
-        assert!(
-            parse_error("x")["error"]["desc"]
-                .as_str()
-                .unwrap()
-                .starts_with("JSON parse error")
-        );
+        assert!(s.handle(&D, json!({"exec-oob": "echo"}))["error"]["desc"].as_str().unwrap().contains("Out-of-band"));
+        assert!(parse_error("x")["error"]["desc"].as_str().unwrap().starts_with("JSON parse error"));
     }
 }

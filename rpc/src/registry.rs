@@ -30,9 +30,7 @@ pub struct Registry<C> {
 
 impl<C> Default for Registry<C> {
     fn default() -> Self {
-        Registry {
-            commands: BTreeMap::new(),
-        }
+        Registry { commands: BTreeMap::new() }
     }
 }
 
@@ -43,14 +41,7 @@ impl<C> Registry<C> {
 
     /// Adds a command; a name registered twice is a programming error.
     pub fn add(&mut self, name: &'static str, help: &'static str, handler: Handler<C>) {
-        let old = self.commands.insert(
-            name,
-            Command {
-                name,
-                help,
-                handler,
-            },
-        );
+        let old = self.commands.insert(name, Command { name, help, handler });
         assert!(old.is_none(), "command {name} registered twice");
     }
 
@@ -59,16 +50,8 @@ impl<C> Registry<C> {
     }
 
     /// Runs `method` with `params`.
-    pub fn call(
-        &self,
-        ctx: &mut C,
-        method: &str,
-        params: Option<Value>,
-    ) -> Result<Value, RpcError> {
-        let cmd = self
-            .commands
-            .get(method)
-            .ok_or_else(|| RpcError::method_not_found(method))?;
+    pub fn call(&self, ctx: &mut C, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let cmd = self.commands.get(method).ok_or_else(|| RpcError::method_not_found(method))?;
         (cmd.handler)(ctx, params)
     }
 
@@ -86,9 +69,7 @@ pub fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError>
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(Value::Object(m)) => Value::Object(m),
         Some(_) => {
-            return Err(RpcError::invalid_params(
-                "params must be an object of named parameters",
-            ));
+            return Err(RpcError::invalid_params("params must be an object of named parameters"));
         }
     };
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -101,11 +82,7 @@ pub fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError>
 /// "Parameter 'x' is unexpected", "Invalid parameter type for 'x', expected: ...".
 fn qemu_wording(path: &str, msg: &str) -> String {
     let prefix = |name: &str| {
-        if path.is_empty() || path == "." {
-            name.to_string()
-        } else {
-            format!("{path}.{name}")
-        }
+        if path.is_empty() || path == "." { name.to_string() } else { format!("{path}.{name}") }
     };
     if let Some(rest) = msg.strip_prefix("missing field `") {
         let name = rest.split('`').next().unwrap_or(rest);
@@ -114,36 +91,21 @@ fn qemu_wording(path: &str, msg: &str) -> String {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         // The path already ends with the unknown member.
         let name = rest.split('`').next().unwrap_or(rest);
-        let full = if path.is_empty() || path == "." {
-            name.to_string()
-        } else {
-            path.to_string()
-        };
+        let full = if path.is_empty() || path == "." { name.to_string() } else { path.to_string() };
         return format!("Parameter '{full}' is unexpected");
     }
     if let Some(rest) = msg.strip_prefix("invalid type: ") {
         let expected = rest.rsplit(", expected ").next().unwrap_or(rest);
-        return format!(
-            "Invalid parameter type for '{path}', expected: {}",
-            simplify_expected(expected)
-        );
+        return format!("Invalid parameter type for '{path}', expected: {}", simplify_expected(expected));
     }
     if let Some(rest) = msg.strip_prefix("invalid value: ") {
         return format!("Invalid value for '{path}': {rest}");
     }
     if msg.starts_with("unknown variant `") {
-        let value = msg
-            .trim_start_matches("unknown variant `")
-            .split('`')
-            .next()
-            .unwrap_or("");
+        let value = msg.trim_start_matches("unknown variant `").split('`').next().unwrap_or("");
         return format!("Parameter '{path}' does not accept value '{value}'");
     }
-    if path.is_empty() || path == "." {
-        msg.to_string()
-    } else {
-        format!("{path}: {msg}")
-    }
+    if path.is_empty() || path == "." { msg.to_string() } else { format!("{path}: {msg}") }
 }
 
 fn simplify_expected(expected: &str) -> &str {
@@ -188,50 +150,19 @@ mod tests {
     #[test]
     fn messages_follow_qemu() {
         assert_eq!(msg(json!({})), "Parameter 'node-name' is missing");
-        assert_eq!(
-            msg(json!({"node-name": "a", "bogus": 1})),
-            "Parameter 'bogus' is unexpected"
-        );
-        assert_eq!(
-            msg(json!({"node-name": 5})),
-            "Invalid parameter type for 'node-name', expected: string"
-        );
+        assert_eq!(msg(json!({"node-name": "a", "bogus": 1})), "Parameter 'bogus' is unexpected");
+        assert_eq!(msg(json!({"node-name": 5})), "Invalid parameter type for 'node-name', expected: string");
         assert_eq!(
             msg(json!({"node-name": "a", "size": "big"})),
             "Invalid parameter type for 'size', expected: integer"
         );
-        assert_eq!(
-            msg(json!({"node-name": "a", "size": -1})),
-            "Invalid value for 'size': integer `-1`, expected u64"
-        );
-        assert_eq!(
-            msg(json!({"node-name": "a", "flag": 1})),
-            "Invalid parameter type for 'flag', expected: boolean"
-        );
-        assert_eq!(
-            msg(json!({"node-name": "a", "mode": "slow"})),
-            "Parameter 'mode' does not accept value 'slow'"
-        );
-        assert_eq!(
-            decode::<P>(Some(json!([1]))).unwrap_err().message,
-            "params must be an object of named parameters"
-        );
+        assert_eq!(msg(json!({"node-name": "a", "size": -1})), "Invalid value for 'size': integer `-1`, expected u64");
+        assert_eq!(msg(json!({"node-name": "a", "flag": 1})), "Invalid parameter type for 'flag', expected: boolean");
+        assert_eq!(msg(json!({"node-name": "a", "mode": "slow"})), "Parameter 'mode' does not accept value 'slow'");
+        assert_eq!(decode::<P>(Some(json!([1]))).unwrap_err().message, "params must be an object of named parameters");
         let p: P = decode(Some(json!({"node-name": "x", "size": 4}))).unwrap();
-        assert_eq!(
-            (
-                p.node_name.as_str(),
-                p.size,
-                p.flag.is_none(),
-                p.mode.is_none()
-            ),
-            ("x", Some(4), true, true)
-        );
-        assert!(matches!(
-            decode::<P>(Some(json!({"node-name": "x", "mode": "fast"})))
-                .unwrap()
-                .mode,
-            Some(Mode::Fast)
-        ));
+        assert_eq!((p.node_name.as_str(), p.size, p.flag.is_none(), p.mode.is_none()), ("x", Some(4), true, true));
+        assert!(matches!(decode::<P>(Some(json!({"node-name": "x", "mode": "fast"}))).unwrap().mode, Some(Mode::Fast)));
     }
 
     #[test]
@@ -241,10 +172,7 @@ mod tests {
         struct Empty {}
         decode::<Empty>(None).unwrap();
         decode::<Empty>(Some(Value::Null)).unwrap();
-        assert_eq!(
-            decode::<Empty>(Some(json!({"x": 1}))).unwrap_err().message,
-            "Parameter 'x' is unexpected"
-        );
+        assert_eq!(decode::<Empty>(Some(json!({"x": 1}))).unwrap_err().message, "Parameter 'x' is unexpected");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -85,16 +85,15 @@ pub enum ServerError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotSocket(PathBuf),
     #[error("binding socket {path} failed: {source}")]
-    Bind {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Bind { path: PathBuf, source: std::io::Error },
     #[error("starting a server thread failed: {0}")]
     Thread(std::io::Error),
 }
 
 enum Outgoing {
     Line(Vec<u8>),
+    /// The answer to `qmp_capabilities`: events may follow it, not precede it.
+    LineThenEvents(Vec<u8>),
     /// Send what is queued, then close.
     Close,
 }
@@ -118,6 +117,9 @@ struct Shared {
 
 struct Listener {
     path: PathBuf,
+    /// Device and inode of the socket file we created: at shutdown it is
+    /// removed only if nobody replaced it meanwhile.
+    identity: (u64, u64),
     listener: UnixListener,
     thread: Option<JoinHandle<()>>,
 }
@@ -144,30 +146,18 @@ impl Server {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         });
-        let mut server = Server {
-            shared,
-            listeners: Vec::new(),
-        };
-        for (path, proto) in [
-            (cfg.jsonrpc_socket, Proto::JsonRpc),
-            (cfg.qmp_socket, Proto::Qmp),
-        ] {
+        let mut server = Server { shared, listeners: Vec::new() };
+        for (path, proto) in [(cfg.jsonrpc_socket, Proto::JsonRpc), (cfg.qmp_socket, Proto::Qmp)] {
             let Some(path) = path else { continue };
             let listener = bind_private(&path)?;
-            let accept = listener.try_clone().map_err(|source| ServerError::Bind {
-                path: path.clone(),
-                source,
-            })?;
+            let identity = std::fs::symlink_metadata(&path).map(|m| (m.dev(), m.ino())).unwrap_or_default();
+            let accept = listener.try_clone().map_err(|source| ServerError::Bind { path: path.clone(), source })?;
             let shared = Arc::clone(&server.shared);
             let thread = std::thread::Builder::new()
                 .name(format!("accept-{proto:?}").to_lowercase())
                 .spawn(move || accept_loop(&shared, &accept, proto))
                 .map_err(ServerError::Thread)?;
-            server.listeners.push(Listener {
-                path,
-                listener,
-                thread: Some(thread),
-            });
+            server.listeners.push(Listener { path, identity, listener, thread: Some(thread) });
         }
         Ok(server)
     }
@@ -180,29 +170,39 @@ impl Server {
         }
         for l in &mut self.listeners {
             // Wakes the blocked accept(2).
-            let _ = nix::sys::socket::shutdown(
-                l.listener.as_raw_fd(),
-                nix::sys::socket::Shutdown::Both,
-            );
+            let _ = nix::sys::socket::shutdown(l.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             if let Some(t) = l.thread.take() {
                 let _ = t.join();
             }
-            let _ = std::fs::remove_file(&l.path);
+            let ours = std::fs::symlink_metadata(&l.path).is_ok_and(|m| (m.dev(), m.ino()) == l.identity);
+            if ours {
+                let _ = std::fs::remove_file(&l.path);
+            }
         }
-        let conns =
-            std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()));
-        for c in conns.values() {
-            let _ = c.stream.set_write_timeout(Some(SHUTDOWN_WRITE_TIMEOUT));
+        let table = std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut conns: Vec<Conn> = table.into_values().collect();
+        // Stop reading: no new commands. Answers and events already queued
+        // may still go out for a moment.
+        for c in &conns {
             let _ = c.stream.shutdown(std::net::Shutdown::Read);
         }
-        for (_, mut c) in conns {
+        for c in &mut conns {
             if let Some(t) = c.reader.take() {
                 let _ = t.join();
             }
+        }
+        let deadline = std::time::Instant::now() + SHUTDOWN_WRITE_TIMEOUT;
+        while conns.iter().any(|c| c.writer.as_ref().is_some_and(|w| !w.is_finished()))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Writers still stuck on a client that does not read are cut off.
+        for mut c in conns {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
             if let Some(t) = c.writer.take() {
                 let _ = t.join();
             }
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -216,10 +216,7 @@ impl Drop for Server {
 /// Binds a socket that is never reachable with wider permissions than 0600:
 /// bound under a temporary name, restricted, then renamed into place.
 fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_err = |source| ServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
+    let bind_err = |source| ServerError::Bind { path: path.to_path_buf(), source };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => return Err(ServerError::InUse(path.to_path_buf())),
@@ -230,20 +227,20 @@ fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(bind_err(e)),
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "socket".into());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(bind_err(e));
-    }
-    Ok(listener)
+    // Bind inside a fresh directory only we can enter, restrict the socket,
+    // then move it into place: nobody can connect while it is wider than 0600.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "socket".into());
+    let private = path.with_file_name(format!(".{name}.{}.d", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(bind_err)?;
+    let tmp = private.join("s");
+    let placed = UnixListener::bind(&tmp).and_then(|listener| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    placed.map_err(bind_err)
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, proto: Proto) {
@@ -265,62 +262,45 @@ fn start_connection(shared: &Arc<Shared>, stream: UnixStream, proto: Proto) {
     let active = &shared.active[proto.index()];
     if active.fetch_add(1, Ordering::AcqRel) >= shared.connections_max {
         active.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(
-            ?proto,
-            max = shared.connections_max,
-            "connection refused: too many connections"
-        );
+        tracing::warn!(?proto, max = shared.connections_max, "connection refused: too many connections");
         return;
     }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(id, ?proto, "client connected");
-    let started = (|| -> std::io::Result<()> {
+    // The table stays locked until the connection is registered, so a
+    // reader that finishes at once cannot try to unregister it first.
+    let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+    let started = (|| -> std::io::Result<Conn> {
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let (tx, rx) = bounded(REPLY_QUEUE_MAX);
-        let sub = shared.events.subscribe();
-        let negotiated = Arc::new(AtomicBool::new(proto == Proto::JsonRpc));
+        let hook_stream = stream.try_clone()?;
+        let sub = shared.events.subscribe_with_hook(Box::new(move || {
+            let _ = hook_stream.shutdown(std::net::Shutdown::Both);
+        }));
         let w_stream = stream.try_clone()?;
-        let w_negotiated = Arc::clone(&negotiated);
         let info = shared.info.clone();
         let writer = std::thread::Builder::new()
             .name(format!("rpc-write-{id}"))
-            .spawn(move || writer_loop(w_stream, rx, sub, proto, &w_negotiated, &info))?;
+            .spawn(move || writer_loop(w_stream, rx, sub, proto, &info))?;
         let r_stream = stream.try_clone()?;
         let r_shared = Arc::clone(shared);
-        let reader = std::thread::Builder::new()
-            .name(format!("rpc-read-{id}"))
-            .spawn(move || {
-                reader_loop(
-                    &r_stream,
-                    &tx,
-                    proto,
-                    &negotiated,
-                    r_shared.dispatcher.as_ref(),
-                );
-                drop(tx);
-                r_shared.active[proto.index()].fetch_sub(1, Ordering::AcqRel);
-                r_shared
-                    .conns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                tracing::debug!(id, "client disconnected");
-            })?;
-        let conn = Conn {
-            stream,
-            reader: Some(reader),
-            writer: Some(writer),
-        };
-        shared
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, conn);
-        Ok(())
+        let reader = std::thread::Builder::new().name(format!("rpc-read-{id}")).spawn(move || {
+            reader_loop(&r_stream, &tx, proto, r_shared.dispatcher.as_ref());
+            drop(tx);
+            r_shared.active[proto.index()].fetch_sub(1, Ordering::AcqRel);
+            r_shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            tracing::debug!(id, "client disconnected");
+        })?;
+        Ok(Conn { stream, reader: Some(reader), writer: Some(writer) })
     })();
-    if let Err(e) = started {
-        tracing::error!(error = %e, "starting connection threads failed");
-        active.fetch_sub(1, Ordering::AcqRel);
+    match started {
+        Ok(conn) => {
+            conns.insert(id, conn);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "starting connection threads failed");
+            active.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -330,13 +310,7 @@ fn line(proto: Proto, v: &Value) -> Vec<u8> {
     bytes
 }
 
-fn reader_loop(
-    mut stream: &UnixStream,
-    tx: &Sender<Outgoing>,
-    proto: Proto,
-    negotiated: &AtomicBool,
-    dispatcher: &dyn Dispatcher,
-) {
+fn reader_loop(mut stream: &UnixStream, tx: &Sender<Outgoing>, proto: Proto, dispatcher: &dyn Dispatcher) {
     let mut framer = Framer::new();
     let mut session = Session::default();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
@@ -344,8 +318,10 @@ fn reader_loop(
     let mut skipping = false;
     loop {
         let n = match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
         let mut data = &chunk[..n];
         if skipping {
@@ -365,16 +341,17 @@ fn reader_loop(
                     jsonrpc::handle_value(dispatcher, v).map(|r| Outgoing::Line(line(proto, &r)))
                 }
                 (Frame::Value(v), Proto::Qmp) => {
-                    let reply = session.handle(dispatcher, v);
-                    negotiated.store(session.negotiated(), Ordering::Release);
-                    Some(Outgoing::Line(line(proto, &reply)))
+                    let was = session.negotiated();
+                    let reply = line(proto, &session.handle(dispatcher, v));
+                    Some(if !was && session.negotiated() {
+                        Outgoing::LineThenEvents(reply)
+                    } else {
+                        Outgoing::Line(reply)
+                    })
                 }
                 (Frame::Syntax(msg), Proto::JsonRpc) => {
                     tracing::warn!(error = %msg, "JSON-RPC parse error; closing the connection");
-                    let _ = tx.send(Outgoing::Line(line(
-                        proto,
-                        &jsonrpc::parse_error_reply(&msg),
-                    )));
+                    let _ = tx.send(Outgoing::Line(line(proto, &jsonrpc::parse_error_reply(&msg))));
                     let _ = tx.send(Outgoing::Close);
                     return;
                 }
@@ -404,30 +381,28 @@ fn reader_loop(
     }
 }
 
-fn writer_loop(
-    mut stream: UnixStream,
-    rx: Receiver<Outgoing>,
-    sub: Subscription,
-    proto: Proto,
-    negotiated: &AtomicBool,
-    info: &ServerInfo,
-) {
+fn writer_loop(mut stream: UnixStream, rx: Receiver<Outgoing>, sub: Subscription, proto: Proto, info: &ServerInfo) {
+    // QMP clients get events only once the answer to qmp_capabilities is out.
+    let mut negotiated = proto == Proto::JsonRpc;
     let event_line = |e: &crate::event::Event| match proto {
         Proto::JsonRpc => line(proto, &jsonrpc::event_notification(e)),
         Proto::Qmp => line(proto, &qmp::event_message(e)),
     };
-    let mut ok =
-        proto != Proto::Qmp || stream.write_all(&line(proto, &qmp::greeting(info))).is_ok();
+    let mut ok = proto != Proto::Qmp || stream.write_all(&line(proto, &qmp::greeting(info))).is_ok();
     while ok {
         select! {
             recv(rx) -> msg => match msg {
                 Ok(Outgoing::Line(bytes)) => ok = stream.write_all(&bytes).is_ok(),
+                Ok(Outgoing::LineThenEvents(bytes)) => {
+                    ok = stream.write_all(&bytes).is_ok();
+                    negotiated = true;
+                }
                 Ok(Outgoing::Close) => break,
                 Err(_) => {
                     // The reader is gone (client closed or shutdown): send the
                     // events already queued, then stop.
                     while let Ok(e) = sub.rx.try_recv() {
-                        if negotiated.load(Ordering::Acquire) && stream.write_all(&event_line(&e)).is_err() {
+                        if negotiated && stream.write_all(&event_line(&e)).is_err() {
                             break;
                         }
                     }
@@ -436,7 +411,7 @@ fn writer_loop(
             },
             recv(sub.rx) -> ev => match ev {
                 Ok(e) => {
-                    if negotiated.load(Ordering::Acquire) {
+                    if negotiated {
                         ok = stream.write_all(&event_line(&e)).is_ok();
                     }
                 }

@@ -52,11 +52,7 @@ pub fn run(args: RpcArgs) -> ExitCode {
             print_value(&v, args.list);
             ExitCode::SUCCESS
         }
-        Err(ClientError::Rpc {
-            code,
-            message,
-            data,
-        }) => {
+        Err(ClientError::Rpc { code, message, data }) => {
             let mut err = serde_json::json!({"code": code, "message": message});
             if let Some(d) = data {
                 err["data"] = d;

@@ -10,11 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "spindle",
-    version,
-    about = "A polled-mode block storage daemon with live block jobs"
-)]
+#[command(name = "spindle", version, about = "A polled-mode block storage daemon with live block jobs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -73,13 +73,8 @@ fn init_logging(level: &str) -> Result<(), String> {
 }
 
 /// Runs the entries of a configuration file; the first failure is fatal and named.
-fn replay_config(
-    ctl: &mut Control,
-    registry: &rpc::Registry<Control>,
-    path: &PathBuf,
-) -> Result<usize, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config '{}': {e}", path.display()))?;
+fn replay_config(ctl: &mut Control, registry: &rpc::Registry<Control>, path: &PathBuf) -> Result<usize, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config '{}': {e}", path.display()))?;
     let entries: Vec<Value> = match serde_json::from_str(&text) {
         Ok(Value::Array(a)) => a,
         Ok(_) => {
@@ -89,10 +84,7 @@ fn replay_config(
             ));
         }
         Err(e) => {
-            return Err(format!(
-                "config '{}' is not valid JSON: {e}",
-                path.display()
-            ));
+            return Err(format!("config '{}' is not valid JSON: {e}", path.display()));
         }
     };
     for (i, entry) in entries.iter().enumerate() {
@@ -101,9 +93,7 @@ fn replay_config(
             return Err(format!("config entry {n}: 'method' must be a string"));
         };
         let params = entry.get("params").cloned();
-        registry
-            .call(ctl, method, params)
-            .map_err(|e| format!("config entry {n} ({method}): {e}"))?;
+        registry.call(ctl, method, params).map_err(|e| format!("config entry {n} ({method}): {e}"))?;
     }
     Ok(entries.len())
 }
@@ -111,21 +101,19 @@ fn replay_config(
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
 fn watch_signals(control: ControlSender) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut seen = 0;
-            for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    tracing::info!(signal = sig, "shutting down (send again to force)");
-                    control.shutdown(ShutdownReason::Signal);
-                } else {
-                    eprintln!("spindle: second signal, exiting without cleanup");
-                    std::process::exit(1);
-                }
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut seen = 0;
+        for sig in signals.forever() {
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(signal = sig, "shutting down (send again to force)");
+                control.shutdown(ShutdownReason::Signal);
+            } else {
+                eprintln!("spindle: second signal, exiting without cleanup");
+                std::process::exit(1);
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -160,11 +148,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let events = Arc::new(EventBus::new());
     let info = server_info();
     let registry = rpc::methods::registry();
-    let mut ctl = Control::new(
-        reactors.handles().to_vec(),
-        Arc::clone(&events),
-        info.clone(),
-    );
+    let mut ctl = Control::new(reactors.handles().to_vec(), Arc::clone(&events), info.clone());
     ctl.command_names = registry.commands().map(|c| c.name).collect();
 
     let result = (|| {
@@ -179,8 +163,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             info,
             connections_max: RPC_CONNECTIONS_MAX,
         };
-        let mut server = Server::start(cfg, Arc::new(sender.clone()), Arc::clone(&events))
-            .map_err(|e| e.to_string())?;
+        let mut server =
+            Server::start(cfg, Arc::new(sender.clone()), Arc::clone(&events)).map_err(|e| e.to_string())?;
         tracing::info!(rpc = %args.rpc_socket.display(), qmp = ?args.qmp_socket, "listening");
         watch_signals(sender).map_err(|e| format!("installing signal handlers failed: {e}"))?;
         let reason = run_control_loop(&mut ctl, &registry, rx);

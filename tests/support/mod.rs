@@ -50,45 +50,22 @@ impl Daemon {
         let log = dir.path().join("daemon.log");
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .arg("--rpc-socket")
-            .arg(&rpc)
-            .arg("--qmp-socket")
-            .arg(&qmp)
-            .arg("--log-level")
-            .arg("debug");
-        cmd.args(extra)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf);
+        cmd.arg("serve").arg("--rpc-socket").arg(&rpc).arg("--qmp-socket").arg(&qmp).arg("--log-level").arg("debug");
+        cmd.args(extra).current_dir(dir.path()).stdin(Stdio::null()).stdout(logf.try_clone().unwrap()).stderr(logf);
         let child = cmd.spawn().expect("starting spindle");
-        Daemon {
-            child: Some(child),
-            dir,
-            rpc,
-            qmp,
-            log,
-        }
+        Daemon { child: Some(child), dir, rpc, qmp, log }
     }
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "spindle exited during start ({status}):\n{}",
-                    self.log_text()
-                );
+                panic!("spindle exited during start ({status}):\n{}", self.log_text());
             }
             if UnixStream::connect(&self.rpc).is_ok() && UnixStream::connect(&self.qmp).is_ok() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "spindle did not open its sockets:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "spindle did not open its sockets:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -106,8 +83,7 @@ impl Daemon {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect(&self.rpc, Duration::from_secs(30))
-            .expect("connecting to the JSON-RPC socket")
+        Client::connect(&self.rpc, Duration::from_secs(30)).expect("connecting to the JSON-RPC socket")
     }
 
     pub fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
@@ -117,18 +93,13 @@ impl Daemon {
 
     /// Calls and expects success.
     pub fn ok(&self, method: &str, params: Value) -> Value {
-        self.call(method, params)
-            .unwrap_or_else(|e| panic!("{method} failed: {e}\n{}", self.log_text()))
+        self.call(method, params).unwrap_or_else(|e| panic!("{method} failed: {e}\n{}", self.log_text()))
     }
 
     /// Calls and expects an error; returns (code, message, data).
     pub fn err(&self, method: &str, params: Value) -> (i64, String, Option<Value>) {
         match self.call(method, params) {
-            Err(ClientError::Rpc {
-                code,
-                message,
-                data,
-            }) => (code, message, data),
+            Err(ClientError::Rpc { code, message, data }) => (code, message, data),
             other => panic!("{method}: expected an RPC error, got {other:?}"),
         }
     }
@@ -183,16 +154,9 @@ pub struct Qmp {
 impl Qmp {
     pub fn connect(path: &Path) -> Qmp {
         let stream = UnixStream::connect(path).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let writer = stream.try_clone().unwrap();
-        let mut q = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            greeting: Value::Null,
-            events: Vec::new(),
-        };
+        let mut q = Qmp { reader: BufReader::new(stream), writer, greeting: Value::Null, events: Vec::new() };
         q.greeting = q.read_value();
         q
     }
@@ -211,8 +175,7 @@ impl Qmp {
             let n = self.reader.read_line(&mut line).expect("reading QMP");
             assert!(n > 0, "QMP connection closed");
             if !line.trim().is_empty() {
-                return serde_json::from_str(line.trim())
-                    .unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"));
+                return serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"));
             }
         }
     }
@@ -267,9 +230,7 @@ impl Qmp {
 
 /// Runs a command, failing the test with its output when it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),

@@ -23,28 +23,19 @@ pub struct MallocBdev {
 
 pub fn open(_ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>, BdevError> {
     let size = opts.u64_req("size")?;
-    let block_size = opts
-        .u64_opt("block-size")?
-        .unwrap_or(u64::from(MALLOC_BLOCK_SIZE_DEFAULT));
+    let block_size = opts.u64_opt("block-size")?.unwrap_or(u64::from(MALLOC_BLOCK_SIZE_DEFAULT));
     opts.finish()?;
     if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
-        return Err(BdevError::invalid(format!(
-            "block-size {block_size} must be a power of two from 512 to 65536"
-        )));
+        return Err(BdevError::invalid(format!("block-size {block_size} must be a power of two from 512 to 65536")));
     }
     if size == 0 || size % block_size != 0 {
         return Err(BdevError::invalid(format!(
             "size {size} must be a non-zero multiple of the block size {block_size}"
         )));
     }
-    let len = usize::try_from(size)
-        .map_err(|_| BdevError::invalid(format!("size {size} is too large")))?;
-    let mem = MemRegion::new(len)
-        .map_err(|e| BdevError::invalid(format!("cannot allocate {size} bytes: {e}")))?;
-    Ok(Arc::new(MallocBdev {
-        mem: Arc::new(mem),
-        block_size: block_size as u32,
-    }))
+    let len = usize::try_from(size).map_err(|_| BdevError::invalid(format!("size {size} is too large")))?;
+    let mem = MemRegion::new(len).map_err(|e| BdevError::invalid(format!("cannot allocate {size} bytes: {e}")))?;
+    Ok(Arc::new(MallocBdev { mem: Arc::new(mem), block_size: block_size as u32 }))
 }
 
 fn execute(mem: &MemRegion, io: &mut Io) -> Result<(), IoError> {
@@ -78,9 +69,7 @@ impl Bdev for MallocBdev {
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
         let mem = Arc::clone(&self.mem);
-        Ok(Rc::new(MallocChannel {
-            queue: CompletionQueue::new("malloc", move |io| execute(&mem, io)),
-        }))
+        Ok(Rc::new(MallocChannel { queue: CompletionQueue::new("malloc", move |io| execute(&mem, io)) }))
     }
 
     fn info(&self) -> BdevInfo {

@@ -32,15 +32,9 @@ pub fn open(_ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>
     let read_zeroes = opts.bool_opt("read-zeroes")?.unwrap_or(false);
     opts.finish()?;
     if size % u64::from(NULL_BLOCK_SIZE) != 0 {
-        return Err(BdevError::invalid(format!(
-            "size {size} is not a multiple of {NULL_BLOCK_SIZE}"
-        )));
+        return Err(BdevError::invalid(format!("size {size} is not a multiple of {NULL_BLOCK_SIZE}")));
     }
-    Ok(Arc::new(NullBdev {
-        size,
-        latency,
-        read_zeroes,
-    }))
+    Ok(Arc::new(NullBdev { size, latency, read_zeroes }))
 }
 
 fn execute(read_zeroes: bool, io: &mut Io) -> Result<(), IoError> {
@@ -69,8 +63,8 @@ impl Bdev for NullBdev {
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
         let read_zeroes = self.read_zeroes;
-        let queue = (self.latency.is_zero())
-            .then(|| CompletionQueue::new("null-co", move |io| execute(read_zeroes, io)));
+        let queue =
+            (self.latency.is_zero()).then(|| CompletionQueue::new("null-co", move |io| execute(read_zeroes, io)));
         Ok(Rc::new(NullChannel { bdev: self, queue }))
     }
 
@@ -115,11 +109,7 @@ impl Channel for NullChannel {
     }
 
     fn block_status(&self, _offset: u64, len: u64) -> LocalBoxFuture<Result<BlockStatus, IoError>> {
-        let st = if self.bdev.read_zeroes {
-            BlockStatus::zero(len)
-        } else {
-            BlockStatus::data(len, None)
-        };
+        let st = if self.bdev.read_zeroes { BlockStatus::zero(len) } else { BlockStatus::data(len, None) };
         Box::pin(async move { Ok(st) })
     }
 }

@@ -22,19 +22,12 @@ pub struct RawBdev {
 }
 
 pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>, BdevError> {
-    let file = opts
-        .take("file")
-        .filter(|v| !v.is_null())
-        .ok_or_else(|| opts.missing("file"))?;
+    let file = opts.take("file").filter(|v| !v.is_null()).ok_or_else(|| opts.missing("file"))?;
     let offset = opts.u64_opt("offset")?.unwrap_or(0);
     let size = opts.u64_opt("size")?;
     opts.finish()?;
     let read_only = ctx.common().read_only;
-    let access = if read_only {
-        Access::Read
-    } else {
-        Access::Write
-    };
+    let access = if read_only { Access::Read } else { Access::Write };
     let file = ctx.open_child("file", file, access)?;
     let file_size = file.size();
     let size = size.unwrap_or(file_size.saturating_sub(offset));
@@ -45,17 +38,10 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     }
     let align = u64::from(file.bdev().block_size());
     if offset % align != 0 {
-        return Err(BdevError::invalid(format!(
-            "offset {offset} must be a multiple of the file's block size {align}"
-        )));
+        return Err(BdevError::invalid(format!("offset {offset} must be a multiple of the file's block size {align}")));
     }
     let read_only = read_only || file.read_only();
-    Ok(Arc::new(RawBdev {
-        file,
-        offset,
-        size,
-        read_only,
-    }))
+    Ok(Arc::new(RawBdev { file, offset, size, read_only }))
 }
 
 impl Bdev for RawBdev {
@@ -78,20 +64,12 @@ impl Bdev for RawBdev {
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
         let file = self.file.channel()?;
         let offset = self.offset;
-        Ok(Rc::new_cyclic(|me| RawChannel {
-            file,
-            offset,
-            me: me.clone(),
-            pending: RefCell::new(Slab::new()),
-        }))
+        Ok(Rc::new_cyclic(|me| RawChannel { file, offset, me: me.clone(), pending: RefCell::new(Slab::new()) }))
     }
 
     fn info(&self) -> BdevInfo {
         let child = self.file.bdev().info();
-        BdevInfo {
-            format_specific: None,
-            ..child
-        }
+        BdevInfo { format_specific: None, ..child }
     }
 }
 

@@ -18,23 +18,15 @@ impl Env {
     pub fn new() -> Env {
         let cores = reactor::cpuset::allowed_cores().unwrap();
         let cores: Vec<usize> = cores.iter().copied().cycle().take(2).collect();
-        let reactors = Reactors::start(
-            &cores,
-            false,
-            ReactorOptions {
-                poll_mode: PollMode::Adaptive,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let reactors =
+            Reactors::start(&cores, false, ReactorOptions { poll_mode: PollMode::Adaptive, ..Default::default() })
+                .unwrap();
         let graph = Graph::new(reactors.handles().to_vec());
         Env { graph, reactors }
     }
 
     pub fn add(&mut self, opts: Value) -> Arc<Node> {
-        self.graph
-            .add(opts)
-            .unwrap_or_else(|e| panic!("blockdev-add failed: {e}"))
+        self.graph.add(opts).unwrap_or_else(|e| panic!("blockdev-add failed: {e}"))
     }
 
     /// Runs `f(channel)` as a task on reactor `idx`.
@@ -45,10 +37,7 @@ impl Env {
         T: Send + 'static,
     {
         let node = Arc::clone(node);
-        self.reactors.handles()[idx]
-            .run(move || async move { f(node.channel().unwrap()).await })
-            .wait()
-            .unwrap()
+        self.reactors.handles()[idx].run(move || async move { f(node.channel().unwrap()).await }).wait().unwrap()
     }
 }
 

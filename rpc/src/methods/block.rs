@@ -39,10 +39,7 @@ struct QueryParams {
     flat: Option<bool>,
 }
 
-pub(super) fn query_named_block_nodes(
-    ctl: &mut Control,
-    params: Option<Value>,
-) -> Result<Value, RpcError> {
+pub(super) fn query_named_block_nodes(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let _: QueryParams = decode(params)?;
     Ok(Value::Array(ctl.graph.describe()))
 }

@@ -17,20 +17,13 @@ struct NoParams {}
 pub(super) fn query_version(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let _: NoParams = decode(params)?;
     let i = &ctl.info;
-    Ok(
-        json!({"qemu": {"major": i.major, "minor": i.minor, "micro": i.micro}, "package": i.package}),
-    )
+    Ok(json!({"qemu": {"major": i.major, "minor": i.minor, "micro": i.micro}, "package": i.package}))
 }
 
 /// `query-commands`: `[{"name": ...}]` as QEMU returns it.
 pub(super) fn query_commands(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let _: NoParams = decode(params)?;
-    Ok(Value::Array(
-        ctl.command_names
-            .iter()
-            .map(|n| json!({"name": n}))
-            .collect(),
-    ))
+    Ok(Value::Array(ctl.command_names.iter().map(|n| json!({"name": n})).collect()))
 }
 
 #[derive(Deserialize)]
@@ -59,10 +52,7 @@ pub(super) fn quit(ctl: &mut Control, params: Option<Value>) -> Result<Value, Rp
 }
 
 /// `qmp_capabilities` reaching the registry (from JSON-RPC): nothing to negotiate.
-pub(super) fn qmp_capabilities(
-    _ctl: &mut Control,
-    _params: Option<Value>,
-) -> Result<Value, RpcError> {
+pub(super) fn qmp_capabilities(_ctl: &mut Control, _params: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!({}))
 }
 
@@ -82,9 +72,7 @@ pub(super) fn save_config(ctl: &mut Control, params: Option<Value>) -> Result<Va
     let Some(path) = p.filename else {
         return Ok(config);
     };
-    let text = serde_json::to_string_pretty(&config)
-        .map_err(|e| RpcError::internal(e.to_string()))?
-        + "\n";
+    let text = serde_json::to_string_pretty(&config).map_err(|e| RpcError::internal(e.to_string()))? + "\n";
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, &path))
@@ -93,10 +81,7 @@ pub(super) fn save_config(ctl: &mut Control, params: Option<Value>) -> Result<Va
 }
 
 /// `framework_get_reactors`: per-reactor counters (SPDK's name).
-pub(super) fn framework_get_reactors(
-    ctl: &mut Control,
-    params: Option<Value>,
-) -> Result<Value, RpcError> {
+pub(super) fn framework_get_reactors(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let _: NoParams = decode(params)?;
     let reactors: Vec<Value> = ctl
         .reactors

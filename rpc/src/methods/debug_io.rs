@@ -34,14 +34,10 @@ pub(super) fn x_debug_io(ctl: &mut Control, params: Option<Value>) -> Result<Val
     let p: Params = decode(params)?;
     let cmd = parse(&p.command).map_err(RpcError::invalid_params)?;
     let node = ctl.graph.get(&p.node_name).map_err(bdev_error)?;
-    if let IoCommand::Read {
-        verbose: true, len, ..
-    } = cmd
+    if let IoCommand::Read { verbose: true, len, .. } = cmd
         && len > DUMP_BYTES_MAX
     {
-        return Err(RpcError::invalid_params(format!(
-            "read -v dumps at most {DUMP_BYTES_MAX} bytes"
-        )));
+        return Err(RpcError::invalid_params(format!("read -v dumps at most {DUMP_BYTES_MAX} bytes")));
     }
     let out = ctl
         .main_reactor()
@@ -69,21 +65,12 @@ async fn execute(node: &Node, cmd: IoCommand) -> Result<String, RpcError> {
     let ch = node.channel().map_err(bdev_error)?;
     let t0 = Instant::now();
     match cmd {
-        IoCommand::Read {
-            offset,
-            len,
-            pattern,
-            verbose,
-            quiet,
-        } => {
+        IoCommand::Read { offset, len, pattern, verbose, quiet } => {
             let mut dump = String::new();
             let mut at = offset;
             while at < offset + len {
                 let n = (offset + len - at).min(CHUNK_BYTES);
-                let buf = ch
-                    .read(at, n as usize)
-                    .await
-                    .map_err(|e| io_failed("read", e))?;
+                let buf = ch.read(at, n as usize).await.map_err(|e| io_failed("read", e))?;
                 if let Some(p) = pattern
                     && let Some(i) = buf.iter().position(|&b| b != p)
                 {
@@ -97,22 +84,9 @@ async fn execute(node: &Node, cmd: IoCommand) -> Result<String, RpcError> {
                 }
                 at += n;
             }
-            Ok(if quiet {
-                dump
-            } else {
-                dump + &stats("read", offset, len, t0)
-            })
+            Ok(if quiet { dump } else { dump + &stats("read", offset, len, t0) })
         }
-        IoCommand::Write {
-            offset,
-            len,
-            pattern,
-            zero,
-            unmap,
-            no_fallback,
-            fua,
-            quiet,
-        } => {
+        IoCommand::Write { offset, len, pattern, zero, unmap, no_fallback, fua, quiet } => {
             let mut flags = if fua { IoFlags::FUA } else { IoFlags::NONE };
             if zero {
                 if unmap {
@@ -121,37 +95,22 @@ async fn execute(node: &Node, cmd: IoCommand) -> Result<String, RpcError> {
                 if no_fallback {
                     flags = flags | IoFlags::NO_FALLBACK;
                 }
-                ch.write_zeroes(offset, len, flags)
-                    .await
-                    .map_err(|e| io_failed("write", e))?;
+                ch.write_zeroes(offset, len, flags).await.map_err(|e| io_failed("write", e))?;
             } else {
                 let mut at = offset;
                 while at < offset + len {
                     let n = (offset + len - at).min(CHUNK_BYTES);
                     let mut buf = IoBuf::new(n as usize);
                     buf.fill(pattern);
-                    ch.write(at, buf, flags)
-                        .await
-                        .1
-                        .map_err(|e| io_failed("write", e))?;
+                    ch.write(at, buf, flags).await.1.map_err(|e| io_failed("write", e))?;
                     at += n;
                 }
             }
-            Ok(if quiet {
-                String::new()
-            } else {
-                stats("wrote", offset, len, t0)
-            })
+            Ok(if quiet { String::new() } else { stats("wrote", offset, len, t0) })
         }
         IoCommand::Discard { offset, len, quiet } => {
-            ch.discard(offset, len)
-                .await
-                .map_err(|e| io_failed("discard", e))?;
-            Ok(if quiet {
-                String::new()
-            } else {
-                stats("discard", offset, len, t0)
-            })
+            ch.discard(offset, len).await.map_err(|e| io_failed("discard", e))?;
+            Ok(if quiet { String::new() } else { stats("discard", offset, len, t0) })
         }
         IoCommand::Flush => {
             ch.flush().await.map_err(|e| io_failed("flush", e))?;

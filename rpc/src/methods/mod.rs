@@ -11,56 +11,16 @@ use crate::registry::Registry;
 /// Every command the daemon serves.
 pub fn registry() -> Registry<Control> {
     let mut r = Registry::new();
-    r.add(
-        "blockdev-add",
-        "Open a node from QEMU-shaped options",
-        block::blockdev_add,
-    );
-    r.add(
-        "blockdev-del",
-        "Close a node nobody uses",
-        block::blockdev_del,
-    );
-    r.add(
-        "query-named-block-nodes",
-        "Describe every node",
-        block::query_named_block_nodes,
-    );
-    r.add(
-        "query-version",
-        "Spindle's version, in QEMU's shape",
-        daemon::query_version,
-    );
-    r.add(
-        "query-commands",
-        "List commands, QEMU style",
-        daemon::query_commands,
-    );
-    r.add(
-        "rpc_get_methods",
-        "List commands, SPDK style",
-        daemon::rpc_get_methods,
-    );
-    r.add(
-        "qmp_capabilities",
-        "Finish QMP capability negotiation",
-        daemon::qmp_capabilities,
-    );
+    r.add("blockdev-add", "Open a node from QEMU-shaped options", block::blockdev_add);
+    r.add("blockdev-del", "Close a node nobody uses", block::blockdev_del);
+    r.add("query-named-block-nodes", "Describe every node", block::query_named_block_nodes);
+    r.add("query-version", "Spindle's version, in QEMU's shape", daemon::query_version);
+    r.add("query-commands", "List commands, QEMU style", daemon::query_commands);
+    r.add("rpc_get_methods", "List commands, SPDK style", daemon::rpc_get_methods);
+    r.add("qmp_capabilities", "Finish QMP capability negotiation", daemon::qmp_capabilities);
     r.add("quit", "Stop the daemon gracefully", daemon::quit);
-    r.add(
-        "save_config",
-        "The commands that rebuild the current state",
-        daemon::save_config,
-    );
-    r.add(
-        "framework_get_reactors",
-        "Per-reactor counters",
-        daemon::framework_get_reactors,
-    );
-    r.add(
-        "x-debug-io",
-        "Run a qemu-io command on a node",
-        debug_io::x_debug_io,
-    );
+    r.add("save_config", "The commands that rebuild the current state", daemon::save_config);
+    r.add("framework_get_reactors", "Per-reactor counters", daemon::framework_get_reactors);
+    r.add("x-debug-io", "Run a qemu-io command on a node", debug_io::x_debug_io);
     r
 }

@@ -84,18 +84,13 @@ pub fn parse(line: &str) -> Result<IoCommand, String> {
     let mut pattern = None;
     let mut positional = Vec::new();
     while let Some(w) = words.next() {
-        if let Some(opts) = w
-            .strip_prefix('-')
-            .filter(|o| !o.is_empty() && !o.starts_with(|c: char| c.is_ascii_digit()))
+        if let Some(opts) =
+            w.strip_prefix('-').filter(|o| !o.is_empty() && !o.starts_with(|c: char| c.is_ascii_digit()))
         {
             for (i, c) in opts.char_indices() {
                 if c == 'P' {
                     let rest = &opts[i + 1..];
-                    let arg = if rest.is_empty() {
-                        words.next().ok_or("-P needs a pattern")?
-                    } else {
-                        rest
-                    };
+                    let arg = if rest.is_empty() { words.next().ok_or("-P needs a pattern")? } else { rest };
                     pattern = Some(parse_pattern(arg)?);
                     break;
                 }
@@ -120,13 +115,7 @@ pub fn parse(line: &str) -> Result<IoCommand, String> {
         "read" => {
             allowed("vq")?;
             let (offset, len) = range(&positional)?;
-            Ok(IoCommand::Read {
-                offset,
-                len,
-                pattern,
-                verbose: has('v'),
-                quiet: has('q'),
-            })
+            Ok(IoCommand::Read { offset, len, pattern, verbose: has('v'), quiet: has('q') })
         }
         "write" => {
             allowed("zunfq")?;
@@ -152,18 +141,12 @@ pub fn parse(line: &str) -> Result<IoCommand, String> {
         "discard" | "aio_discard" => {
             allowed("q")?;
             let (offset, len) = range(&positional)?;
-            Ok(IoCommand::Discard {
-                offset,
-                len,
-                quiet: has('q'),
-            })
+            Ok(IoCommand::Discard { offset, len, quiet: has('q') })
         }
         "flush" | "aio_flush" if positional.is_empty() && flags.is_empty() => Ok(IoCommand::Flush),
         "length" if positional.is_empty() && flags.is_empty() => Ok(IoCommand::Length),
         "flush" | "aio_flush" | "length" => Err(format!("{name} takes no arguments")),
-        other => Err(format!(
-            "unknown command '{other}' (supported: read, write, discard, flush, length)"
-        )),
+        other => Err(format!("unknown command '{other}' (supported: read, write, discard, flush, length)")),
     }
 }
 
@@ -182,11 +165,7 @@ pub fn human_size(bytes: u64) -> String {
         v /= 1024.0;
         unit = u;
     }
-    if v.fract() == 0.0 {
-        format!("{v:.0} {unit}")
-    } else {
-        format!("{v:.3} {unit}")
-    }
+    if v.fract() == 0.0 { format!("{v:.0} {unit}") } else { format!("{v:.3} {unit}") }
 }
 
 /// qemu-io's hex dump (`read -v`): 16 bytes a line, offset, hex, ASCII.
@@ -201,13 +180,7 @@ pub fn hexdump(offset: u64, data: &[u8]) -> String {
             out.push_str("   ");
         }
         out.push(' ');
-        out.extend(line.iter().map(|&b| {
-            if (0x20..0x7f).contains(&b) {
-                b as char
-            } else {
-                '.'
-            }
-        }));
+        out.extend(line.iter().map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' }));
         out.push('\n');
     }
     out
@@ -261,51 +234,20 @@ mod tests {
         );
         assert_eq!(
             parse("read -P 171 -v 512 512").unwrap(),
-            IoCommand::Read {
-                offset: 512,
-                len: 512,
-                pattern: Some(171),
-                verbose: true,
-                quiet: false
-            }
+            IoCommand::Read { offset: 512, len: 512, pattern: Some(171), verbose: true, quiet: false }
         );
         assert_eq!(
             parse("read -P0xab 0 1").unwrap(),
-            IoCommand::Read {
-                offset: 0,
-                len: 1,
-                pattern: Some(0xab),
-                verbose: false,
-                quiet: false
-            }
+            IoCommand::Read { offset: 0, len: 1, pattern: Some(0xab), verbose: false, quiet: false }
         );
-        assert_eq!(
-            parse("discard -q 0 4k").unwrap(),
-            IoCommand::Discard {
-                offset: 0,
-                len: 4096,
-                quiet: true
-            }
-        );
+        assert_eq!(parse("discard -q 0 4k").unwrap(), IoCommand::Discard { offset: 0, len: 4096, quiet: true });
         assert_eq!(parse("flush").unwrap(), IoCommand::Flush);
         assert_eq!(parse("length").unwrap(), IoCommand::Length);
-        assert!(
-            parse("write -z -P 1 0 1")
-                .unwrap_err()
-                .contains("-z and -P")
-        );
+        assert!(parse("write -z -P 1 0 1").unwrap_err().contains("-z and -P"));
         assert!(parse("write -u 0 1").unwrap_err().contains("need -z"));
-        assert!(
-            parse("read -x 0 1")
-                .unwrap_err()
-                .contains("invalid option -- 'x'")
-        );
+        assert!(parse("read -x 0 1").unwrap_err().contains("invalid option -- 'x'"));
         assert!(parse("read 0").unwrap_err().contains("offset and a length"));
-        assert!(
-            parse("read -P 256 0 1")
-                .unwrap_err()
-                .contains("does not fit")
-        );
+        assert!(parse("read -P 256 0 1").unwrap_err().contains("does not fit"));
         assert!(parse("frob 0 1").unwrap_err().contains("unknown command"));
         assert!(parse("").is_err());
     }

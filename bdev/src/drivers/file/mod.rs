@@ -50,31 +50,19 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     if let Some(locking) = opts.enum_opt("locking", &["auto", "on", "off"])?
         && locking == "on"
     {
-        return Err(BdevError::Unsupported(
-            "locking=on is not supported: Spindle does not take image locks".into(),
-        ));
+        return Err(BdevError::Unsupported("locking=on is not supported: Spindle does not take image locks".into()));
     }
     let _drop_cache = opts.bool_opt("drop-cache")?;
     opts.finish()?;
     let common = ctx.common().clone();
     let (file, read_only) = open_file(&path, common.read_only, common.auto_read_only)?;
-    let meta = file.metadata().map_err(|source| BdevError::Open {
-        path: path.clone(),
-        source,
-    })?;
+    let meta = file.metadata().map_err(|source| BdevError::Open { path: path.clone(), source })?;
     let is_block_device = meta.file_type().is_block_device();
     if !meta.is_file() && !is_block_device {
-        return Err(BdevError::invalid(format!(
-            "'{path}' is not a regular file or block device"
-        )));
+        return Err(BdevError::invalid(format!("'{path}' is not a regular file or block device")));
     }
     let size = if is_block_device {
-        (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BdevError::Open {
-                path: path.clone(),
-                source,
-            })?
+        (&file).seek(SeekFrom::End(0)).map_err(|source| BdevError::Open { path: path.clone(), source })?
     } else {
         meta.len()
     };
@@ -98,33 +86,21 @@ fn open_with(path: &str, write: bool, direct: bool) -> std::io::Result<File> {
     if direct {
         flags |= libc::O_DIRECT;
     }
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(flags)
-        .open(path)
+    OpenOptions::new().read(true).write(write).custom_flags(flags).open(path)
 }
 
 /// Opens read-write unless read-only was asked for; with `auto-read-only`,
 /// falls back to read-only when the file is not writable (as QEMU does).
 fn open_file(path: &str, read_only: bool, auto_read_only: bool) -> Result<(File, bool), BdevError> {
-    let err = |source| BdevError::Open {
-        path: path.to_string(),
-        source,
-    };
+    let err = |source| BdevError::Open { path: path.to_string(), source };
     match open_with(path, !read_only, false) {
         Ok(f) => Ok((f, read_only)),
         Err(e)
             if auto_read_only
                 && !read_only
-                && matches!(
-                    e.raw_os_error(),
-                    Some(libc::EACCES | libc::EROFS | libc::EPERM)
-                ) =>
+                && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::EPERM)) =>
         {
-            open_with(path, false, false)
-                .map(|f| (f, true))
-                .map_err(err)
+            open_with(path, false, false).map(|f| (f, true)).map_err(err)
         }
         Err(e) => Err(err(e)),
     }
@@ -152,9 +128,9 @@ fn choose_direct(
         (Some((_, align)), DirectMode::On) => Err(BdevError::Unsupported(format!(
             "cache.direct=on needs the size of '{path}' ({size}) to be a multiple of its direct I/O alignment ({align})"
         ))),
-        (None, DirectMode::On) => Err(BdevError::Unsupported(format!(
-            "'{path}' does not support O_DIRECT (cache.direct=on)"
-        ))),
+        (None, DirectMode::On) => {
+            Err(BdevError::Unsupported(format!("'{path}' does not support O_DIRECT (cache.direct=on)")))
+        }
         _ => Ok((file, false, 1)),
     }
 }
@@ -185,23 +161,12 @@ impl FileBdev {
         let off = offset as libc::off_t;
         match lseek(fd, off, Whence::SeekData) {
             Ok(data) if data as u64 == offset => {
-                let hole = lseek(fd, off, Whence::SeekHole)
-                    .map(|h| h as u64)
-                    .unwrap_or(end);
-                Ok(BlockStatus::data(
-                    hole.min(end).max(offset + 1) - offset,
-                    Some(offset),
-                ))
+                let hole = lseek(fd, off, Whence::SeekHole).map(|h| h as u64).unwrap_or(end);
+                Ok(BlockStatus::data(hole.min(end).max(offset + 1) - offset, Some(offset)))
             }
-            Ok(data) => Ok(BlockStatus {
-                offset: Some(offset),
-                ..BlockStatus::zero((data as u64).min(end) - offset)
-            }),
+            Ok(data) => Ok(BlockStatus { offset: Some(offset), ..BlockStatus::zero((data as u64).min(end) - offset) }),
             // ENXIO: no data after offset, the rest is a hole.
-            Err(nix::errno::Errno::ENXIO) => Ok(BlockStatus {
-                offset: Some(offset),
-                ..BlockStatus::zero(len)
-            }),
+            Err(nix::errno::Errno::ENXIO) => Ok(BlockStatus { offset: Some(offset), ..BlockStatus::zero(len) }),
             // No SEEK_DATA support (or a block device): everything is data.
             Err(_) => Ok(BlockStatus::data(len, Some(offset))),
         }
@@ -233,9 +198,7 @@ impl Bdev for FileBdev {
         let actual_size = if self.is_block_device {
             None
         } else {
-            nix::sys::stat::fstat(self.fd.as_fd())
-                .ok()
-                .map(|st| st.st_blocks as u64 * 512)
+            nix::sys::stat::fstat(self.fd.as_fd()).ok().map(|st| st.st_blocks as u64 * 512)
         };
         BdevInfo {
             filename: self.path.clone(),

@@ -64,12 +64,7 @@ pub(crate) struct FileChannel {
 impl FileChannel {
     pub(crate) fn new(bdev: Arc<FileBdev>) -> Rc<FileChannel> {
         let ring = Rc::clone(reactor::current().ring());
-        Rc::new_cyclic(|me| FileChannel {
-            bdev,
-            ring,
-            me: me.clone(),
-            reqs: RefCell::new(Slab::new()),
-        })
+        Rc::new_cyclic(|me| FileChannel { bdev, ring, me: me.clone(), reqs: RefCell::new(Slab::new()) })
     }
 
     fn callback(&self) -> Rc<dyn OpCallback> {
@@ -90,53 +85,18 @@ impl FileChannel {
                 let buf = buf.expect("data stage has a buffer");
                 let (offset, at, len) = (req.offset + at, at as usize, (req.len - at) as usize);
                 match req.kind {
-                    IoKind::Read => Op::Read {
-                        fd,
-                        offset,
-                        buf,
-                        at,
-                        len,
-                    },
-                    _ => Op::Write {
-                        fd,
-                        offset,
-                        buf,
-                        at,
-                        len,
-                        fua: req.flags.contains(IoFlags::FUA),
-                    },
+                    IoKind::Read => Op::Read { fd, offset, buf, at, len },
+                    _ => Op::Write { fd, offset, buf, at, len, fua: req.flags.contains(IoFlags::FUA) },
                 }
             }
             Stage::Fsync => Op::Fsync { fd, datasync: true },
-            Stage::Discard => Op::Fallocate {
-                fd,
-                mode: PUNCH_HOLE,
-                offset: req.offset,
-                len: req.len,
-            },
-            Stage::Punch => Op::Fallocate {
-                fd,
-                mode: PUNCH_HOLE,
-                offset: req.offset,
-                len: req.len,
-            },
-            Stage::ZeroRange => Op::Fallocate {
-                fd,
-                mode: ZERO_RANGE,
-                offset: req.offset,
-                len: req.len,
-            },
+            Stage::Discard => Op::Fallocate { fd, mode: PUNCH_HOLE, offset: req.offset, len: req.len },
+            Stage::Punch => Op::Fallocate { fd, mode: PUNCH_HOLE, offset: req.offset, len: req.len },
+            Stage::ZeroRange => Op::Fallocate { fd, mode: ZERO_RANGE, offset: req.offset, len: req.len },
             Stage::ZeroWrite => {
                 let chunk = (req.len - at).min(ZERO_WRITE_CHUNK_BYTES) as usize;
                 let buf = buf.unwrap_or_else(|| IoBuf::zeroed(chunk));
-                Op::Write {
-                    fd,
-                    offset: req.offset + at,
-                    buf,
-                    at: 0,
-                    len: chunk,
-                    fua: req.flags.contains(IoFlags::FUA),
-                }
+                Op::Write { fd, offset: req.offset + at, buf, at: 0, len: chunk, fua: req.flags.contains(IoFlags::FUA) }
             }
         }
     }
@@ -157,9 +117,7 @@ impl FileChannel {
     fn next_zero_stage(&self, stage: Stage, flags: IoFlags) -> Option<Stage> {
         match stage {
             Stage::Punch if self.bdev.zero_range_supported() => Some(Stage::ZeroRange),
-            Stage::Punch | Stage::ZeroRange if !flags.contains(IoFlags::NO_FALLBACK) => {
-                Some(Stage::ZeroWrite)
-            }
+            Stage::Punch | Stage::ZeroRange if !flags.contains(IoFlags::NO_FALLBACK) => Some(Stage::ZeroWrite),
             _ => None,
         }
     }
@@ -170,13 +128,7 @@ impl FileChannel {
             Stage::Data => buf,
             _ => req.spare,
         };
-        let io = Io {
-            kind: req.kind,
-            offset: req.offset,
-            len: req.len,
-            flags: req.flags,
-            buf,
-        };
+        let io = Io { kind: req.kind, offset: req.offset, len: req.len, flags: req.flags, buf };
         req.done.complete(io, res);
     }
 
@@ -219,11 +171,7 @@ impl Channel for FileChannel {
                 None => return done.complete_later(io, Err(IoError::NotSupported)),
             },
         };
-        let data = if stage == Stage::Data {
-            io.buf.take()
-        } else {
-            None
-        };
+        let data = if stage == Stage::Data { io.buf.take() } else { None };
         let req = Req {
             kind: io.kind,
             offset: io.offset,
@@ -283,8 +231,7 @@ impl OpCallback for FileChannel {
                 self.continue_or_finish(key, buf, res as u64);
             }
             Stage::Punch | Stage::ZeroRange
-                if res == -libc::EOPNOTSUPP
-                    || res == -libc::EINVAL && stage == Stage::ZeroRange =>
+                if res == -libc::EOPNOTSUPP || res == -libc::EINVAL && stage == Stage::ZeroRange =>
             {
                 if stage == Stage::ZeroRange {
                     self.bdev.zero_range_unsupported();
