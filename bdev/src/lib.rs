@@ -18,6 +18,7 @@
 //! - [`channel`]: the common front door and the `async` helpers.
 //! - [`graph`]: named nodes, children, claims; `blockdev-add`/`-del`.
 //! - [`options`]: QEMU-shaped option reading.
+//! - [`forward`]: channels that send requests to a driver's home reactor.
 //! - [`drivers`]: `file`, `malloc`, `null-co`.
 //!
 //! Completions are never delivered inside `submit`; every failure travels
@@ -30,6 +31,7 @@ pub mod bdev;
 pub mod channel;
 pub mod drivers;
 pub mod error;
+pub mod forward;
 pub mod graph;
 pub mod io;
 pub mod options;

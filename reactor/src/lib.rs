@@ -16,6 +16,7 @@
 //! - [`poller`]: busy/idle pollers, active and timed.
 //! - [`timer`]: `sleep` and `timeout` for tasks.
 //! - [`reply`]: one-shot answers for cross-thread calls.
+//! - [`sync`]: an async mutex for tasks of one reactor.
 //! - [`uring`]: the io_uring, its in-flight table and [`Op`]s — `unsafe`.
 //! - [`buf`]: aligned [`IoBuf`]s, their per-thread pool, [`MemRegion`] — `unsafe`.
 //! - [`group`]: starting one pinned reactor per core.
@@ -31,6 +32,7 @@ pub mod group;
 pub mod poller;
 pub mod reactor;
 pub mod reply;
+pub mod sync;
 pub mod timer;
 pub mod uring;
 
@@ -38,9 +40,8 @@ pub use buf::{IO_ALIGN, IoBuf, MemRegion};
 pub use executor::{JoinHandle, spawn_local, yield_now};
 pub use group::{Reactors, StartError};
 pub use poller::{PollStatus, PollerId};
-pub use reactor::{
-    Handle, PollMode, Reactor, ReactorOptions, ReactorStats, current, defer, try_current,
-};
+pub use reactor::{Handle, PollMode, Reactor, ReactorOptions, ReactorStats, current, defer, try_current};
 pub use reply::{Canceled, Reply, ReplyTx, WaitError, reply};
+pub use sync::{LocalMutex, LocalMutexGuard};
 pub use timer::{Elapsed, sleep, sleep_until, timeout};
 pub use uring::{Op, OpCallback, OpFuture, Ring, SharedFd};
