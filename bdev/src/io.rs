@@ -152,9 +152,10 @@ impl Done {
 /// What a range of a node holds, as the block-status query reports it.
 ///
 /// Mirrors QEMU's `qemu-img map` fields: `data` (reads return stored bytes),
-/// `zero` (reads return zeroes), `allocated` (this node answers the range —
-/// false means reads fall through to the backing chain), and `depth` (the
-/// layer that answers, 0 being the node asked).
+/// `zero` (reads return zeroes), `allocated` (some layer of the chain at or
+/// below the node asked holds the range — map's `present`), and `depth`
+/// (the layer that answers, 0 being the node asked; for a range no layer
+/// holds, the layer where the lookup ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockStatus {
     /// Length of the run with these properties, starting at the queried offset.
@@ -165,16 +166,23 @@ pub struct BlockStatus {
     pub depth: u32,
     /// Offset of the data in the file underneath, where meaningful.
     pub offset: Option<u64>,
+    /// Stored compressed (qcow2).
+    pub compressed: bool,
 }
 
 impl BlockStatus {
     /// Allocated data at this layer.
     pub fn data(len: u64, offset: Option<u64>) -> BlockStatus {
-        BlockStatus { len, data: true, zero: false, allocated: true, depth: 0, offset }
+        BlockStatus { len, data: true, zero: false, allocated: true, depth: 0, offset, compressed: false }
     }
 
     /// Allocated, reads as zeroes.
     pub fn zero(len: u64) -> BlockStatus {
-        BlockStatus { len, data: false, zero: true, allocated: true, depth: 0, offset: None }
+        BlockStatus { len, data: false, zero: true, allocated: true, depth: 0, offset: None, compressed: false }
+    }
+
+    /// Held by no layer at or below this node: reads as zero.
+    pub fn unallocated(len: u64) -> BlockStatus {
+        BlockStatus { len, data: false, zero: true, allocated: false, depth: 0, offset: None, compressed: false }
     }
 }

@@ -58,7 +58,33 @@ fn targets() -> Vec<Target> {
     let node = env.add(json!({"driver": "raw", "node-name": "r0", "offset": 1 << 20, "size": SIZE, "discard": "unmap",
         "file": {"driver": "file", "filename": path.to_str().unwrap(), "discard": "unmap"}}));
     out.push(Target { name: "raw-offset", env, node, discard_zeroes: true, _dir: Some(dir) });
+    out.push(qcow2_target(false));
+    out.push(qcow2_target(true));
     out
+}
+
+/// A qcow2 image made by qemu-img, optionally over a backing file full of 0xb0.
+fn qcow2_target(with_backing: bool) -> Target {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let mut create = std::process::Command::new("qemu-img");
+    create.args(["create", "-q", "-f", "qcow2"]);
+    if with_backing {
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0xb0u8; SIZE as usize]).unwrap();
+        create.args(["-o", "cluster_size=4096,backing_file=base.raw,backing_fmt=raw"]);
+    }
+    let out = create.arg(&img).arg(SIZE.to_string()).output().expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut env = Env::new();
+    let node = env.add(json!({"driver": "qcow2", "node-name": "q", "discard": "unmap", "file": {"driver": "file", "filename": img.to_str().unwrap()}}));
+    Target {
+        name: if with_backing { "qcow2-backing" } else { "qcow2" },
+        env,
+        node,
+        discard_zeroes: true,
+        _dir: Some(dir),
+    }
 }
 
 fn for_each(test: impl Fn(&Target)) {

@@ -4,6 +4,7 @@
 pub mod file;
 pub mod malloc;
 pub mod null;
+pub mod qcow2;
 mod queue;
 pub mod raw;
 
@@ -14,4 +15,5 @@ pub(crate) fn register_builtin(graph: &mut Graph) {
     graph.register_driver("null-co", null::open);
     graph.register_driver("malloc", malloc::open);
     graph.register_driver("raw", raw::open);
+    graph.register_driver("qcow2", qcow2::open);
 }

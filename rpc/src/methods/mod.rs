@@ -14,6 +14,7 @@ pub fn registry() -> Registry<Control> {
     r.add("blockdev-add", "Open a node from QEMU-shaped options", block::blockdev_add);
     r.add("blockdev-del", "Close a node nobody uses", block::blockdev_del);
     r.add("query-named-block-nodes", "Describe every node", block::query_named_block_nodes);
+    r.add("x-block-status", "Map a node: data, zero, allocation and depth per range", block::x_block_status);
     r.add("query-version", "Spindle's version, in QEMU's shape", daemon::query_version);
     r.add("query-commands", "List commands, QEMU style", daemon::query_commands);
     r.add("rpc_get_methods", "List commands, SPDK style", daemon::rpc_get_methods);

@@ -1,0 +1,387 @@
+//! `qcow2`: QEMU's copy-on-write image format, read and written the way
+//! QEMU reads and writes it (docs/interop/qcow2.rst).
+//!
+//! ```text
+//!   header.rs  the header and its extensions (parse, validate, serialise)
+//!   entry.rs   L1/L2 entries, compressed clusters, refcount widths
+//!   cache.rs   LRU caches for L2 tables and refcount blocks
+//!   state.rs   the open image on its home reactor: request paths,
+//!              allocation, write-back order (see its crash-ordering notes)
+//!   rebuild.rs refcounts recomputed for images left dirty
+//! ```
+//!
+//! The image's state lives on its home reactor (the main reactor); other
+//! reactors forward their requests there. The backing chain opens by
+//! itself from the header's backing file name unless `backing` says
+//! otherwise.
+
+mod cache;
+mod entry;
+pub mod header;
+mod rebuild;
+mod state;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use reactor::Handle;
+use serde_json::{Value, json};
+
+use self::header::{Header, autoclear, compat, incompat};
+use self::state::{Backing, CacheSizes, Qcow2};
+use crate::bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
+use crate::channel::{BlockChannel, ChannelPolicy};
+use crate::error::{BdevError, IoError};
+use crate::forward::ForwardChannel;
+use crate::graph::{Access, Node, OpenCtx};
+use crate::io::{BlockStatus, Done, Io};
+use crate::options::{DetectZeroes, DiscardMode, OptReader};
+
+/// Backing chains deeper than this are refused (a loop guard and a bound).
+pub const CHAIN_DEPTH_MAX: usize = 256;
+/// QEMU's default cap for the L2 cache.
+const L2_CACHE_BYTES_DEFAULT_MAX: u64 = 32 << 20;
+/// Refcount blocks cached by default.
+const REFCOUNT_CACHE_BLOCKS_DEFAULT: u64 = 64;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Open images whose home is this reactor.
+    static IMAGES: RefCell<HashMap<u64, Rc<Qcow2>>> = RefCell::new(HashMap::new());
+    /// Canonical paths of the images being opened on this (control)
+    /// thread, outermost first: a backing file already here is a loop.
+    static OPENING: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+}
+
+fn image(id: u64) -> Option<Rc<Qcow2>> {
+    IMAGES.with(|m| m.borrow().get(&id).cloned())
+}
+
+/// A channel on a node's file child that takes metadata-sized requests
+/// anywhere in the file (it grows), with the child's alignment bouncing.
+fn file_channel(node: &Node) -> Result<BlockChannel, BdevError> {
+    let ch = node.channel()?;
+    Ok(BlockChannel::new(
+        Rc::clone(ch.raw()),
+        ChannelPolicy {
+            size: u64::MAX,
+            block_size: ch.block_size(),
+            read_only: ch.read_only(),
+            discard: DiscardMode::Unmap,
+            detect_zeroes: DetectZeroes::Off,
+        },
+    ))
+}
+
+pub struct Qcow2Bdev {
+    id: u64,
+    home: Handle,
+    size: u64,
+    block_size: u32,
+    read_only: bool,
+    file: Arc<Node>,
+    backing: Option<Arc<Node>>,
+    format_specific: Value,
+}
+
+/// Pops the loop-detection stack when an open returns.
+struct OpeningGuard;
+
+impl Drop for OpeningGuard {
+    fn drop(&mut self) {
+        OPENING.with(|s| s.borrow_mut().pop());
+    }
+}
+
+fn cache_sizes(l2_bytes: Option<u64>, rc_bytes: Option<u64>, total: Option<u64>, h: &Header) -> CacheSizes {
+    let cs = h.cluster_size();
+    // Enough L2 tables to map the whole disk, up to QEMU's default cap.
+    let covering = h.size.div_ceil((cs / 8) * cs) * cs;
+    let l2 = l2_bytes.or(total.map(|t| t * 3 / 4)).unwrap_or(covering.clamp(cs, L2_CACHE_BYTES_DEFAULT_MAX.max(cs)));
+    let rc = rc_bytes.or(total.map(|t| t / 4)).unwrap_or(REFCOUNT_CACHE_BLOCKS_DEFAULT * cs);
+    CacheSizes { l2_tables: (l2 / cs).max(2) as usize, refcount_blocks: (rc / cs).max(4) as usize }
+}
+
+/// Opens the node named by the header's backing file name.
+fn open_backing_from_header(
+    ctx: &mut OpenCtx<'_>,
+    file: &Node,
+    name: &str,
+    format: Option<String>,
+) -> Result<Arc<Node>, BdevError> {
+    let path = if Path::new(name).is_absolute() {
+        PathBuf::from(name)
+    } else {
+        let ours = file.bdev().info().filename;
+        if ours.starts_with("json:") {
+            return Err(BdevError::invalid(format!(
+                "Cannot use relative backing file name '{name}' for an image that is not a file; give 'backing' explicitly"
+            )));
+        }
+        Path::new(&ours).parent().unwrap_or(Path::new("/")).join(name)
+    };
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(&path)?,
+    };
+    if format != "qcow2" && format != "raw" {
+        return Err(BdevError::Unsupported(format!("backing file format '{format}' is not supported (qcow2 or raw)")));
+    }
+    let opts = json!({
+        "driver": format,
+        "read-only": true,
+        "file": {"driver": "file", "filename": path, "read-only": true},
+    });
+    ctx.open_child("backing", opts, Access::Read)
+        .map_err(|e| BdevError::invalid(format!("Could not open backing file '{}': {e}", path.display())))
+}
+
+/// qcow2 when the file starts with the qcow2 magic, raw otherwise.
+fn probe_format(path: &Path) -> Result<String, BdevError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|source| BdevError::Open { path: path.display().to_string(), source })?;
+    Ok(if n == 4 && u32::from_be_bytes(magic) == header::MAGIC { "qcow2".into() } else { "raw".into() })
+}
+
+pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>, BdevError> {
+    let file_ref = opts.take("file").filter(|v| !v.is_null()).ok_or_else(|| opts.missing("file"))?;
+    let backing_opt = opts.take("backing");
+    let l2_bytes = opts.u64_opt("l2-cache-size")?;
+    let rc_bytes = opts.u64_opt("refcount-cache-size")?;
+    let total_bytes = opts.u64_opt("cache-size")?;
+    // Accepted for QEMU compatibility; their effects are Spindle's defaults.
+    opts.bool_opt("lazy-refcounts")?;
+    for k in ["pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "discard-no-unref"] {
+        opts.bool_opt(k)?;
+    }
+    opts.u64_opt("cache-clean-interval")?;
+    opts.u64_opt("l2-cache-entry-size")?;
+    opts.take("overlap-check");
+    if opts.take("encrypt").is_some() {
+        return Err(BdevError::Unsupported("qcow2: encryption is not supported yet".into()));
+    }
+    if opts.take("data-file").is_some() {
+        return Err(BdevError::Unsupported("qcow2: external data files are not supported".into()));
+    }
+    opts.finish()?;
+    let read_only = ctx.common().read_only;
+    let file = ctx.open_child("file", file_ref, if read_only { Access::Read } else { Access::Write })?;
+    let read_only = read_only || file.read_only();
+
+    // Loop detection: the same file twice in one chain.
+    let canonical = std::fs::canonicalize(file.bdev().info().filename).ok();
+    let _opening = match canonical {
+        Some(path) => {
+            let looped = OPENING.with(|s| s.borrow().contains(&path));
+            if looped {
+                return Err(BdevError::invalid(format!(
+                    "Backing file loop detected: '{}' is its own backing file",
+                    path.display()
+                )));
+            }
+            let depth = OPENING.with(|s| {
+                s.borrow_mut().push(path);
+                s.borrow().len()
+            });
+            let guard = OpeningGuard;
+            if depth > CHAIN_DEPTH_MAX {
+                return Err(BdevError::invalid(format!("backing chain deeper than {CHAIN_DEPTH_MAX} images")));
+            }
+            Some(guard)
+        }
+        None => None,
+    };
+
+    let file_size = file.size();
+    let hdr_node = Arc::clone(&file);
+    let header = ctx
+        .main_reactor()
+        .run(move || async move { read_header(&hdr_node, file_size).await })
+        .wait()
+        .map_err(|_| BdevError::ReactorGone)??;
+
+    let backing = match backing_opt {
+        Some(Value::Null) => None,
+        Some(v @ (Value::String(_) | Value::Object(_))) => Some(ctx.open_child("backing", v, Access::Read)?),
+        Some(_) => return Err(BdevError::invalid("Invalid parameter type for 'backing', expected: BlockdevRefOrNull")),
+        None => match header.backing_file.clone() {
+            Some(name) => Some(open_backing_from_header(ctx, &file, &name, header.backing_format())?),
+            None => None,
+        },
+    };
+
+    let caches = cache_sizes(l2_bytes, rc_bytes, total_bytes, &header);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let format_specific = format_specific(&header);
+    let size = header.size;
+    let (f, b) = (Arc::clone(&file), backing.clone());
+    let home = ctx.main_reactor().clone();
+    home.run(move || async move { init_state(id, &f, b.as_deref(), file_size, header, read_only, caches).await })
+        .wait()
+        .map_err(|_| BdevError::ReactorGone)??;
+    Ok(Arc::new(Qcow2Bdev {
+        id,
+        home,
+        size,
+        block_size: file.bdev().block_size(),
+        read_only,
+        file,
+        backing,
+        format_specific,
+    }))
+}
+
+async fn read_header(file: &Node, file_size: u64) -> Result<Header, BdevError> {
+    let io_err = |source: IoError| BdevError::Io { what: "reading the qcow2 header".into(), source };
+    let ch = file_channel(file)?;
+    if file_size < header::V2_HEADER_BYTES as u64 {
+        return Err(BdevError::invalid("qcow2: Image is not in qcow2 format"));
+    }
+    let head = ch.read(0, file_size.min(4096) as usize).await.map_err(io_err)?;
+    let cluster_bits = Header::peek_cluster_bits(&head)?;
+    let cluster0 = file_size.min(1 << cluster_bits) as usize;
+    let buf = if cluster0 > head.len() { ch.read(0, cluster0).await.map_err(io_err)? } else { head };
+    let h = Header::parse(&buf)?;
+    h.validate(file_size)?;
+    Ok(h)
+}
+
+async fn init_state(
+    id: u64,
+    file: &Node,
+    backing: Option<&Node>,
+    file_size: u64,
+    header: Header,
+    read_only: bool,
+    caches: CacheSizes,
+) -> Result<(), BdevError> {
+    let io_err = |what: &str| {
+        let what = what.to_string();
+        move |source: IoError| BdevError::Io { what, source }
+    };
+    if !read_only && header.incompatible & incompat::CORRUPT != 0 {
+        return Err(BdevError::invalid(
+            "qcow2: the image is marked corrupt and cannot be opened read-write (repair it with 'qemu-img check -r all')",
+        ));
+    }
+    let backing = match backing {
+        Some(b) => Some(Backing { ch: b.channel()?, size: b.size() }),
+        None => None,
+    };
+    let dirty = header.incompatible & incompat::DIRTY != 0;
+    let state = Qcow2::open(file_channel(file)?, file_size, header, backing, read_only, caches)
+        .await
+        .map_err(io_err("loading the qcow2 tables"))?;
+    if !read_only {
+        if dirty {
+            // Refcounts may be stale (lazy refcounts): rebuild them, as QEMU does.
+            rebuild::rebuild_refcounts(&state).await.map_err(io_err("rebuilding the refcounts of a dirty image"))?;
+        }
+        let mut changed = false;
+        {
+            let mut h = state.header.borrow_mut();
+            // Autoclear features Spindle does not maintain (persistent
+            // bitmaps, raw external data) are invalidated by our writes.
+            if h.autoclear != 0 {
+                h.autoclear = 0;
+                changed = true;
+            }
+        }
+        if changed {
+            state.write_header().await.map_err(io_err("updating the qcow2 header"))?;
+            state.file().flush().await.map_err(io_err("updating the qcow2 header"))?;
+        }
+    }
+    IMAGES.with(|m| m.borrow_mut().insert(id, state));
+    Ok(())
+}
+
+fn format_specific(h: &Header) -> Value {
+    json!({
+        "type": "qcow2",
+        "data": {
+            "compat": if h.version >= 3 { "1.1" } else { "0.10" },
+            "lazy-refcounts": h.compatible & compat::LAZY_REFCOUNTS != 0,
+            "refcount-bits": h.refcount_bits(),
+            "corrupt": h.incompatible & incompat::CORRUPT != 0,
+            "extended-l2": false,
+            "compression-type": if h.compression() == header::Compression::Zstd { "zstd" } else { "zlib" },
+            "cluster-size": h.cluster_size(),
+            "bitmaps-valid": h.autoclear & autoclear::BITMAPS != 0,
+        }
+    })
+}
+
+impl Qcow2Bdev {
+    pub fn backing(&self) -> Option<&Arc<Node>> {
+        self.backing.as_ref()
+    }
+}
+
+impl Bdev for Qcow2Bdev {
+    fn driver(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
+        let id = self.id;
+        if self.home.is_current() {
+            let state = image(id).ok_or(BdevError::ReactorGone)?;
+            return Ok(Rc::new(Qcow2Channel { state }));
+        }
+        let resolve = Arc::new(move || -> Result<Rc<dyn Channel>, BdevError> {
+            let state = image(id).ok_or(BdevError::ReactorGone)?;
+            Ok(Rc::new(Qcow2Channel { state }))
+        });
+        Ok(Rc::new(ForwardChannel::new(self.home.clone(), resolve)))
+    }
+
+    fn info(&self) -> BdevInfo {
+        let file = self.file.bdev().info();
+        BdevInfo { format_specific: Some(self.format_specific.clone()), actual_size: file.actual_size, ..file }
+    }
+
+    fn close(self: Arc<Self>) -> LocalBoxFuture<Result<(), IoError>> {
+        let id = self.id;
+        Box::pin(async move {
+            let Some(state) = image(id) else { return Ok(()) };
+            let res = if state.read_only() { Ok(()) } else { state.flush().await };
+            IMAGES.with(|m| m.borrow_mut().remove(&id));
+            res
+        })
+    }
+}
+
+struct Qcow2Channel {
+    state: Rc<Qcow2>,
+}
+
+impl Channel for Qcow2Channel {
+    fn submit(&self, io: Io, done: Done) {
+        self.state.submit(io, done);
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> LocalBoxFuture<Result<BlockStatus, IoError>> {
+        Box::pin(Rc::clone(&self.state).block_status(offset, len))
+    }
+}
