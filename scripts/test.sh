@@ -11,3 +11,5 @@ cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast --lib --bins --tests -- --test-threads="${TEST_THREADS:-2}"
 # Criterion benches in test mode: each benchmark runs once.
 cargo test --workspace --no-fail-fast --benches
+# The fuzz targets build on stable too; running them needs scripts/fuzz.sh.
+cargo build --manifest-path fuzz/Cargo.toml --bins

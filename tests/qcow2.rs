@@ -617,3 +617,29 @@ fn flushed_writes_survive_a_kill() {
     );
     qio(&img, &["read -P 0x71 0 8M", "read -P 0x72 20M 3000"]);
 }
+
+#[test]
+fn backing_can_be_cut_or_given_by_name() {
+    let d = Daemon::start();
+    let chain = build_chain(d.dir.path(), 2);
+    let (base, top) = (&chain[0], &chain[1]);
+    // backing: null — the top alone; what the base held reads as zeroes.
+    add(&d, "alone", top, json!({"read-only": true, "backing": null}));
+    io(&d, "alone", "read -P 0 0 768k");
+    io(&d, "alone", "read -P 0x11 1M 768k");
+    let m = map(&d, "alone");
+    assert_eq!(m[0]["depth"], 0, "no layer below: {m}");
+    assert_eq!(
+        d.ok("query-named-block-nodes", Value::Null).as_array().unwrap().iter().filter(|n| n["drv"] == "qcow2").count(),
+        1
+    );
+    d.ok("blockdev-del", json!({"node-name": "alone"}));
+    // backing: an existing node, which stays after the top goes.
+    add(&d, "base", base, json!({"read-only": true}));
+    add(&d, "top", top, json!({"read-only": true, "backing": "base"}));
+    io(&d, "top", "read -P 0x10 0 768k");
+    let (code, msg, _) = d.err("blockdev-del", json!({"node-name": "base"}));
+    assert_eq!(code, -16, "{msg}");
+    d.ok("blockdev-del", json!({"node-name": "top"}));
+    d.ok("blockdev-del", json!({"node-name": "base"}));
+}

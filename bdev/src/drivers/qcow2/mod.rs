@@ -16,7 +16,7 @@
 //! otherwise.
 
 mod cache;
-mod entry;
+pub mod entry;
 pub mod header;
 mod rebuild;
 mod state;
