@@ -1,0 +1,3 @@
+//! bdevperf-style workloads on Spindle's reactors (in progress).
+
+#![forbid(unsafe_code)]
