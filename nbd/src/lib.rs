@@ -18,6 +18,8 @@
 //! - [`error`]: [`ProtoError`], one variant per failing step.
 //! - [`proto`]: the protocol's string rules and the shared bounds-checked
 //!   cursor.
+//! - [`server`]: the export server: listener, handshake, transmission.
+//! - [`sock`]: socket I/O on the reactor's io_uring.
 //!
 //! All integers are big-endian on the wire.
 
@@ -27,6 +29,8 @@ pub mod consts;
 pub mod error;
 pub mod handshake;
 pub mod proto;
+pub mod server;
+pub mod sock;
 pub mod transmission;
 
 pub use error::{ProtoError, Result};

@@ -42,6 +42,6 @@ pub use group::{Reactors, StartError};
 pub use poller::{PollStatus, PollerId};
 pub use reactor::{Handle, PollMode, Reactor, ReactorOptions, ReactorStats, current, defer, try_current};
 pub use reply::{Canceled, Reply, ReplyTx, WaitError, reply};
-pub use sync::{LocalMutex, LocalMutexGuard};
+pub use sync::{LocalMutex, LocalMutexGuard, LocalNotify};
 pub use timer::{Elapsed, sleep, sleep_until, timeout};
-pub use uring::{Op, OpCallback, OpFuture, Ring, SharedFd};
+pub use uring::{IOV_MAX, Op, OpCallback, OpFuture, Ring, SharedFd, accept};

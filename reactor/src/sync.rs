@@ -128,6 +128,53 @@ impl Drop for LocalMutexGuard {
     }
 }
 
+/// Wakes one waiting task; a notification given while nobody waits is
+/// kept (one permit) for the next wait.
+#[derive(Clone, Default)]
+pub struct LocalNotify {
+    state: Rc<NotifyState>,
+}
+
+#[derive(Default)]
+struct NotifyState {
+    permit: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl LocalNotify {
+    pub fn new() -> LocalNotify {
+        LocalNotify::default()
+    }
+
+    pub fn notify(&self) {
+        self.state.permit.set(true);
+        if let Some(w) = self.state.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Completes once notified (at once if a permit is waiting).
+    pub fn notified(&self) -> Notified {
+        Notified { state: Rc::clone(&self.state) }
+    }
+}
+
+/// The future returned by [`LocalNotify::notified`].
+pub struct Notified {
+    state: Rc<NotifyState>,
+}
+
+impl Future for Notified {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.state.permit.replace(false) {
+            return Poll::Ready(());
+        }
+        *self.state.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +205,26 @@ mod tests {
         });
         let want: Vec<String> = (0..5).flat_map(|i| [format!("in{i}"), format!("out{i}")]).collect();
         assert_eq!(log, want);
+    }
+
+    #[test]
+    fn notify_keeps_one_permit() {
+        let r = Reactor::new(None, ReactorOptions::default()).unwrap();
+        r.block_on(async {
+            let n = LocalNotify::new();
+            n.notify();
+            n.notify();
+            n.notified().await;
+            let n2 = n.clone();
+            let waiter = spawn_local(async move {
+                n2.notified().await;
+                1
+            });
+            crate::yield_now().await;
+            assert!(!waiter.is_finished(), "only one permit was kept");
+            n.notify();
+            assert_eq!(waiter.await, 1);
+        });
     }
 
     #[test]

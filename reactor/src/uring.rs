@@ -40,6 +40,8 @@ pub type SharedFd = Arc<OwnedFd>;
 
 /// `user_data` of cancel requests, whose own completions are ignored.
 const CANCEL_USER_DATA: u64 = u64::MAX;
+/// Most slices one vectored write takes (the kernel's UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
 
 /// An operation for the kernel, owning everything the kernel will touch.
 #[derive(Debug)]
@@ -88,6 +90,15 @@ pub enum Op {
         at: usize,
         len: usize,
     },
+    /// Write several buffer slices in order (`writev`): `segs` are
+    /// (buffer index, start, length) into `bufs`. `iov` is scratch the op
+    /// fills when it is submitted. Used on sockets, at their position.
+    Writev {
+        fd: SharedFd,
+        bufs: Vec<IoBuf>,
+        segs: Vec<(usize, usize, usize)>,
+        iov: Vec<libc::iovec>,
+    },
     /// Accept a connection; the result is the new descriptor.
     Accept {
         fd: SharedFd,
@@ -108,6 +119,14 @@ impl Op {
         }
     }
 
+    /// The buffers of a vectored write, back from the kernel.
+    pub fn into_bufs(self) -> Vec<IoBuf> {
+        match self {
+            Op::Writev { bufs, .. } => bufs,
+            other => other.into_buf().into_iter().collect(),
+        }
+    }
+
     fn check(&self) {
         match self {
             Op::Read { buf, at, len, .. }
@@ -120,6 +139,16 @@ impl Op {
                     buf.capacity()
                 );
                 assert!(*len <= u32::MAX as usize, "uring op length {len} above u32");
+            }
+            Op::Writev { bufs, segs, .. } => {
+                assert!(!segs.is_empty() && segs.len() <= IOV_MAX, "writev with {} segments", segs.len());
+                for &(b, start, len) in segs {
+                    let cap = bufs.get(b).map_or(0, IoBuf::capacity);
+                    assert!(
+                        start.checked_add(len).is_some_and(|end| end <= cap),
+                        "writev segment {start}+{len} beyond buffer {b}"
+                    );
+                }
             }
             _ => {}
         }
@@ -159,6 +188,15 @@ impl Op {
                 let ptr = unsafe { buf.as_mut_ptr().add(*at) };
                 opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, *len as u32).flags(libc::MSG_NOSIGNAL).build()
             }
+            Op::Writev { fd, bufs, segs, iov } => {
+                iov.clear();
+                for &(b, start, len) in segs.iter() {
+                    // wrapping_add stays inside the buffer: check() bounded start + len.
+                    let base = bufs[b].as_mut_ptr().wrapping_add(start);
+                    iov.push(libc::iovec { iov_base: base.cast(), iov_len: len });
+                }
+                opcode::Writev::new(types::Fd(fd.as_raw_fd()), iov.as_ptr(), iov.len() as u32).offset(u64::MAX).build()
+            }
             Op::Accept { fd } => {
                 opcode::Accept::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
                     .flags(libc::SOCK_CLOEXEC)
@@ -167,6 +205,17 @@ impl Op {
             Op::PollAdd { fd, events } => opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build(),
         }
     }
+}
+
+/// Accepts one connection on listening socket `fd`.
+pub async fn accept(ring: &Rc<Ring>, fd: &SharedFd) -> io::Result<OwnedFd> {
+    let (res, _) = ring.submit(Op::Accept { fd: Arc::clone(fd) }).await;
+    if res < 0 {
+        return Err(io::Error::from_raw_os_error(-res));
+    }
+    // SAFETY: a non-negative accept result is a new descriptor that nothing
+    // else owns; it is wrapped exactly once, here.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(res) })
 }
 
 /// Receives completions of operations submitted with [`Ring::submit_with`].
@@ -597,6 +646,22 @@ mod uring_tests {
         let mut got = cb.0.borrow().clone();
         got.sort();
         assert_eq!(got, (0..16).map(|i| (i, 4096, 4096)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn writev_sends_slices_in_order() {
+        use std::io::Read as _;
+        let ring = Rc::new(Ring::new(4).unwrap());
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd: SharedFd = Arc::new(OwnedFd::from(b));
+        let bufs = vec![IoBuf::from_slice(b"hello, "), IoBuf::from_slice(b"xxworld!yy")];
+        let segs = vec![(0, 0, 7), (1, 2, 6)];
+        let (res, op) = block_on(&ring, ring.submit(Op::Writev { fd, bufs, segs, iov: Vec::new() }));
+        assert_eq!(res, 13);
+        assert_eq!(op.into_bufs().len(), 2, "the buffers come back");
+        let mut got = [0u8; 13];
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello, world!");
     }
 
     #[test]

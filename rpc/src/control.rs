@@ -4,10 +4,12 @@
 //! [`ControlSender`] and block until the answer comes back; reactors never
 //! wait for it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bdev::{BdevError, Graph};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use nbd::server::{Exports, NbdServer};
 use reactor::Handle;
 use serde_json::{Value, json};
 
@@ -35,6 +37,14 @@ impl ShutdownReason {
     }
 }
 
+/// What the control plane remembers of an export.
+pub struct ExportRecord {
+    pub name: String,
+    pub node_name: String,
+    /// The `block-export-add` arguments (for `save_config`).
+    pub config: Value,
+}
+
 /// The state commands act on.
 pub struct Control {
     pub graph: Graph,
@@ -43,6 +53,12 @@ pub struct Control {
     pub info: ServerInfo,
     /// Names of every registered command (for `query-commands`).
     pub command_names: Vec<&'static str>,
+    /// The NBD server and the `nbd-server-start` arguments that started it.
+    pub nbd: Option<(NbdServer, Value)>,
+    /// Exports connections look up by name.
+    pub exports: Arc<Exports>,
+    /// Exports by id.
+    pub export_records: BTreeMap<String, ExportRecord>,
     shutdown: Option<ShutdownReason>,
 }
 
@@ -54,8 +70,37 @@ impl Control {
             events,
             info,
             command_names: Vec::new(),
+            nbd: None,
+            exports: Arc::new(Exports::new()),
+            export_records: BTreeMap::new(),
             shutdown: None,
         }
+    }
+
+    /// Stops the NBD server: no new connections, the existing ones end
+    /// after their requests, every export goes (with its event).
+    pub fn stop_nbd(&mut self) {
+        let Some((server, _)) = self.nbd.take() else { return };
+        for r in self.export_records.values() {
+            self.exports.remove(&r.name);
+        }
+        server.stop();
+        for id in std::mem::take(&mut self.export_records).into_keys() {
+            self.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+        }
+    }
+
+    /// The commands that rebuild the current state: nodes, then the NBD
+    /// server and its exports.
+    pub fn save_config(&self) -> Vec<Value> {
+        let mut cfg = self.graph.save_config();
+        if let Some((_, start)) = &self.nbd {
+            cfg.push(json!({"method": "nbd-server-start", "params": start}));
+            for r in self.export_records.values() {
+                cfg.push(json!({"method": "block-export-add", "params": r.config}));
+            }
+        }
+        cfg
     }
 
     /// Asks the control loop to stop after the current command.

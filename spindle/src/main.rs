@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod keyval;
 mod serve;
 
 use std::process::ExitCode;

@@ -44,6 +44,17 @@ pub struct ServeArgs {
     /// A JSON list of {"method": .., "params": ..} to run at start (the output of save_config).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
+    /// A node to open at start (blockdev-add options as JSON or QEMU keyval:
+    /// driver=file,node-name=f0,filename=/x). Repeatable; after --config.
+    #[arg(long = "blockdev", value_name = "OPTIONS")]
+    blockdevs: Vec<String>,
+    /// Start the NBD server (addr.type=inet,addr.host=127.0.0.1,addr.port=10809
+    /// or addr.type=unix,addr.path=/run/nbd.sock; max-connections=N).
+    #[arg(long, value_name = "OPTIONS")]
+    nbd_server: Option<String>,
+    /// An export to add at start (type=nbd,id=e0,node-name=disk,name=disk0,writable=on). Repeatable.
+    #[arg(long = "export", value_name = "OPTIONS")]
+    exports: Vec<String>,
     /// Log filter: error, warn, info, debug, trace, or per-module directives (spindle=debug,bdev=trace).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -96,6 +107,19 @@ fn replay_config(ctl: &mut Control, registry: &rpc::Registry<Control>, path: &Pa
         registry.call(ctl, method, params).map_err(|e| format!("config entry {n} ({method}): {e}"))?;
     }
     Ok(entries.len())
+}
+
+/// Runs the --blockdev, --nbd-server and --export options, in that order.
+fn apply_command_line(ctl: &mut Control, registry: &rpc::Registry<Control>, args: &ServeArgs) -> Result<(), String> {
+    let mut calls: Vec<(&str, &str, &String)> = Vec::new();
+    calls.extend(args.blockdevs.iter().map(|b| ("--blockdev", "blockdev-add", b)));
+    calls.extend(args.nbd_server.iter().map(|n| ("--nbd-server", "nbd-server-start", n)));
+    calls.extend(args.exports.iter().map(|e| ("--export", "block-export-add", e)));
+    for (flag, method, text) in calls {
+        let params = crate::keyval::parse(text).map_err(|e| format!("{flag}: {e}"))?;
+        registry.call(ctl, method, Some(params)).map_err(|e| format!("{flag} {text}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
@@ -156,6 +180,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             let n = replay_config(&mut ctl, &registry, path)?;
             tracing::info!(entries = n, config = %path.display(), "configuration replayed");
         }
+        apply_command_line(&mut ctl, &registry, &args)?;
         let (sender, rx) = control_channel();
         let cfg = ServerConfig {
             jsonrpc_socket: Some(args.rpc_socket.clone()),
@@ -172,6 +197,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         server.shutdown();
         Ok(())
     })();
+    ctl.stop_nbd();
     ctl.graph.close_all();
     reactors.stop();
     tracing::info!("stopped");

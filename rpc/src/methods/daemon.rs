@@ -68,7 +68,7 @@ struct SaveConfig {
 /// format `serve --config` replays.
 pub(super) fn save_config(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let p: SaveConfig = decode(params)?;
-    let config = Value::Array(ctl.graph.save_config());
+    let config = Value::Array(ctl.save_config());
     let Some(path) = p.filename else {
         return Ok(config);
     };

@@ -3,6 +3,7 @@
 mod block;
 mod daemon;
 mod debug_io;
+pub(crate) mod nbd;
 pub mod qemu_io;
 
 use crate::control::Control;
@@ -23,5 +24,12 @@ pub fn registry() -> Registry<Control> {
     r.add("save_config", "The commands that rebuild the current state", daemon::save_config);
     r.add("framework_get_reactors", "Per-reactor counters", daemon::framework_get_reactors);
     r.add("x-debug-io", "Run a qemu-io command on a node", debug_io::x_debug_io);
+    r.add("nbd-server-start", "Start the NBD server on a TCP or Unix address", nbd::nbd_server_start);
+    r.add("nbd-server-stop", "Stop the NBD server and remove its exports", nbd::nbd_server_stop);
+    r.add("block-export-add", "Export a node over NBD", nbd::block_export_add);
+    r.add("block-export-del", "Remove an export (mode safe or hard)", nbd::block_export_del);
+    r.add("query-block-exports", "List the exports", nbd::query_block_exports);
+    r.add("nbd-server-add", "Export a node over NBD (older form of block-export-add)", nbd::nbd_server_add);
+    r.add("nbd-server-remove", "Remove an NBD export by name", nbd::nbd_server_remove);
     r
 }

@@ -1,0 +1,272 @@
+//! NBD commands, with QEMU's names and shapes: `nbd-server-start`,
+//! `nbd-server-stop`, `block-export-add`, `block-export-del`,
+//! `query-block-exports`, and the older `nbd-server-add` / `nbd-server-remove`.
+
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+
+use bdev::Access;
+use nbd::server::{CONNECTIONS_MAX_DEFAULT, Export, ListenAddr, NbdServer};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::control::{Control, ExportRecord, bdev_error};
+use crate::error::RpcError;
+use crate::registry::decode;
+
+/// Longest export name the protocol allows.
+const EXPORT_NAME_BYTES_MAX: usize = 4096;
+
+/// QEMU's SocketAddressLegacy (`{"type": .., "data": {..}}`) or the flat
+/// SocketAddress (`{"type": .., "host": ..}`) as a listen address.
+pub(crate) fn parse_addr(v: &Value) -> Result<ListenAddr, RpcError> {
+    let obj =
+        v.as_object().ok_or_else(|| RpcError::invalid_params("Invalid parameter type for 'addr', expected: object"))?;
+    let kind = obj
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| RpcError::invalid_params("Parameter 'addr.type' is missing"))?;
+    let data: &Map<String, Value> = match obj.get("data") {
+        Some(Value::Object(d)) => d,
+        Some(_) => return Err(RpcError::invalid_params("Invalid parameter type for 'addr.data', expected: object")),
+        None => obj,
+    };
+    let field = |k: &str| -> Result<String, RpcError> {
+        match data.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(_) => {
+                Err(RpcError::invalid_params(format!("Invalid parameter type for 'addr.{k}', expected: string")))
+            }
+            None => Err(RpcError::invalid_params(format!("Parameter 'addr.{k}' is missing"))),
+        }
+    };
+    match kind {
+        "inet" => {
+            let (host, port) = (field("host")?, field("port")?);
+            let port: u16 =
+                port.parse().map_err(|_| RpcError::invalid_params(format!("'{port}' is not a valid port")))?;
+            let addr = (host.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| RpcError::invalid_params(format!("address '{host}': {e}")))?
+                .next()
+                .ok_or_else(|| RpcError::invalid_params(format!("address '{host}' resolves to nothing")))?;
+            Ok(ListenAddr::Tcp(addr))
+        }
+        "unix" => Ok(ListenAddr::Unix(field("path")?.into())),
+        other => Err(RpcError::invalid_params(format!("Parameter 'addr.type' does not accept value '{other}'"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StartParams {
+    addr: Value,
+    #[serde(default)]
+    max_connections: Option<u64>,
+    #[serde(default)]
+    tls_creds: Option<String>,
+    #[serde(default)]
+    tls_authz: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    handshake_max_seconds: Option<u64>,
+}
+
+pub(super) fn nbd_server_start(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let original = params.clone().unwrap_or(Value::Null);
+    let p: StartParams = decode(params)?;
+    if p.tls_creds.is_some() || p.tls_authz.is_some() {
+        return Err(RpcError::invalid_params("TLS is not supported"));
+    }
+    if ctl.nbd.is_some() {
+        return Err(RpcError::failed("NBD server already running"));
+    }
+    let addr = parse_addr(&p.addr)?;
+    let max = match p.max_connections {
+        None | Some(0) => CONNECTIONS_MAX_DEFAULT,
+        Some(n) => n as usize,
+    };
+    let server = NbdServer::start(addr, max, ctl.reactors.clone(), Arc::clone(&ctl.exports))
+        .map_err(|e| RpcError::failed(e.to_string()))?;
+    ctl.nbd = Some((server, original));
+    Ok(json!({}))
+}
+
+pub(super) fn nbd_server_stop(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    let _: NoParams = decode(params)?;
+    if ctl.nbd.is_none() {
+        return Err(RpcError::failed("NBD server not running"));
+    }
+    ctl.stop_nbd();
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ExportAddParams {
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
+    node_name: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    writable: Option<bool>,
+    #[serde(default)]
+    writethrough: Option<bool>,
+    #[serde(default)]
+    fixed_iothread: Option<bool>,
+    #[serde(default)]
+    iothread: Option<String>,
+    #[serde(default)]
+    bitmaps: Option<Vec<Value>>,
+    #[serde(default)]
+    allocation_depth: Option<bool>,
+}
+
+pub(super) fn block_export_add(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let original = params.clone().unwrap_or(Value::Null);
+    let p: ExportAddParams = decode(params)?;
+    if p.kind != "nbd" {
+        return Err(RpcError::invalid_params(format!("Parameter 'type' does not accept value '{}'", p.kind)));
+    }
+    if p.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(RpcError::invalid_params("exporting bitmaps is not supported yet"));
+    }
+    if p.allocation_depth == Some(true) {
+        return Err(RpcError::invalid_params("the qemu:allocation-depth context is not supported"));
+    }
+    let _ = (p.writethrough, p.fixed_iothread, p.iothread);
+    let name = p.name.unwrap_or_else(|| p.node_name.clone());
+    add_export(ctl, p.id, name, p.node_name, p.description, p.writable.unwrap_or(false), original)
+}
+
+fn add_export(
+    ctl: &mut Control,
+    id: String,
+    name: String,
+    node_name: String,
+    description: Option<String>,
+    writable: bool,
+    original: Value,
+) -> Result<Value, RpcError> {
+    if ctl.nbd.is_none() {
+        return Err(RpcError::failed("NBD server not running"));
+    }
+    if ctl.export_records.contains_key(&id) {
+        return Err(RpcError::exists(format!("Block export id '{id}' is already in use")));
+    }
+    if name.len() > EXPORT_NAME_BYTES_MAX {
+        return Err(RpcError::invalid_params(format!("export name longer than {EXPORT_NAME_BYTES_MAX} bytes")));
+    }
+    if ctl.export_records.values().any(|r| r.name == name) {
+        return Err(RpcError::exists(format!("NBD server already has export named '{name}'")));
+    }
+    let node = ctl.graph.get(&node_name).map_err(bdev_error)?;
+    let access = if writable { Access::Write } else { Access::Read };
+    let claim = node.claim(format!("export '{id}'"), access).map_err(bdev_error)?;
+    let export = Arc::new(Export::new(id.clone(), name.clone(), description, node, writable, claim));
+    ctl.exports.insert(export);
+    ctl.export_records.insert(id, ExportRecord { name, node_name, config: original });
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportDelParams {
+    id: String,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+pub(super) fn block_export_del(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: ExportDelParams = decode(params)?;
+    del_export(ctl, &p.id, p.mode.as_deref())
+}
+
+fn del_export(ctl: &mut Control, id: &str, mode: Option<&str>) -> Result<Value, RpcError> {
+    let hard = match mode {
+        None | Some("safe") => false,
+        Some("hard") => true,
+        Some(other) => {
+            return Err(RpcError::invalid_params(format!("Parameter 'mode' does not accept value '{other}'")));
+        }
+    };
+    let Some(record) = ctl.export_records.get(id) else {
+        return Err(RpcError::not_found(format!("Export '{id}' is not found")));
+    };
+    let name = record.name.clone();
+    if let Some((server, _)) = &ctl.nbd {
+        if !hard && server.export_connections(&name) > 0 {
+            return Err(RpcError::busy(format!("export '{id}' still in use")));
+        }
+        // New connections can no longer find it; existing ones are cut.
+        ctl.exports.remove(&name);
+        server.disconnect_export(&name);
+    } else {
+        ctl.exports.remove(&name);
+    }
+    ctl.export_records.remove(id);
+    ctl.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+    Ok(json!({}))
+}
+
+pub(super) fn query_block_exports(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    let _: NoParams = decode(params)?;
+    Ok(Value::Array(
+        ctl.export_records
+            .iter()
+            .map(|(id, r)| json!({"type": "nbd", "id": id, "node-name": r.node_name, "shutting-down": false}))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyAddParams {
+    device: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    writable: Option<bool>,
+    #[serde(default)]
+    bitmap: Option<String>,
+}
+
+/// QEMU's older `nbd-server-add`: the export id is its name.
+pub(super) fn nbd_server_add(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: LegacyAddParams = decode(params)?;
+    if p.bitmap.is_some() {
+        return Err(RpcError::invalid_params("exporting bitmaps is not supported yet"));
+    }
+    let name = p.name.unwrap_or_else(|| p.device.clone());
+    let config = json!({"type": "nbd", "id": name, "node-name": p.device, "name": name, "writable": p.writable.unwrap_or(false)});
+    add_export(ctl, name.clone(), name, p.device, p.description, p.writable.unwrap_or(false), config)
+}
+
+pub(super) fn nbd_server_remove(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        name: String,
+        #[serde(default)]
+        mode: Option<String>,
+    }
+    let p: P = decode(params)?;
+    let id = ctl.export_records.iter().find(|(_, r)| r.name == p.name).map(|(id, _)| id.clone());
+    match id {
+        Some(id) => del_export(ctl, &id, p.mode.as_deref()),
+        None => Err(RpcError::not_found(format!("Export '{}' is not found", p.name))),
+    }
+}
