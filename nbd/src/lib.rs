@@ -19,12 +19,14 @@
 //! - [`proto`]: the protocol's string rules and the shared bounds-checked
 //!   cursor.
 //! - [`server`]: the export server: listener, handshake, transmission.
+//! - [`client`]: the `nbd` driver: a node backed by a remote export.
 //! - [`sock`]: socket I/O on the reactor's io_uring.
 //!
 //! All integers are big-endian on the wire.
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod consts;
 pub mod error;
 pub mod handshake;

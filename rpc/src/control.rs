@@ -64,8 +64,11 @@ pub struct Control {
 
 impl Control {
     pub fn new(reactors: Vec<Handle>, events: Arc<EventBus>, info: ServerInfo) -> Control {
+        let mut graph = Graph::new(reactors.clone());
+        // The NBD client lives in the nbd crate, above the device layer.
+        graph.register_driver(nbd::client::DRIVER_NAME, nbd::client::open);
         Control {
-            graph: Graph::new(reactors.clone()),
+            graph,
             reactors,
             events,
             info,
