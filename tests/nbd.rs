@@ -99,6 +99,7 @@ fn read_only_exports_refuse_writes() {
     assert!(!ok, "a write to a read-only export must fail: {out}");
     let info = run(Command::new("nbdinfo").arg(&u));
     assert!(info.contains("is_read_only: true"), "{info}");
+    assert!(info.contains("can_multi_conn: true"), "{info}");
     d.debug_io("m", "read -P 0x44 0 1M").unwrap();
 }
 
