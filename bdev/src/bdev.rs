@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::error::{BdevError, IoError};
+use crate::graph::Node;
 use crate::io::{BlockStatus, Done, Io};
 
 /// A future on one reactor, boxed (control path and slow paths only).
@@ -38,6 +39,19 @@ pub trait Bdev: Send + Sync + 'static {
 
     /// Facts for `query-named-block-nodes`.
     fn info(&self) -> BdevInfo;
+
+    /// Reads what this layer does not hold from `backing` from now on and
+    /// records `name` and `format` in the image (QEMU's change of backing
+    /// file). Runs on the control thread; [`crate::Graph::change_backing`]
+    /// moves the child link. Formats without a backing file refuse.
+    fn change_backing(
+        &self,
+        _backing: Option<&Arc<Node>>,
+        _name: Option<&str>,
+        _format: Option<&str>,
+    ) -> Result<(), BdevError> {
+        Err(BdevError::Unsupported(format!("driver '{}' has no backing file", self.driver())))
+    }
 
     /// Called once, on the main reactor, after the node was flushed and
     /// before it is dropped: write back anything left (format drivers).

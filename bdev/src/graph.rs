@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use reactor::Handle;
 use serde_json::{Value, json};
 
+use crate::backend::Backend;
 use crate::bdev::Bdev;
 use crate::channel::{BlockChannel, ChannelPolicy, cached_channel, drop_cached_channel};
 use crate::error::BdevError;
@@ -51,6 +52,8 @@ struct ClaimEntry {
     id: u64,
     holder: String,
     access: Access,
+    /// Held by a parent node (a child link), not by a user or a job.
+    parent: bool,
 }
 
 /// A node in use. Released when dropped.
@@ -105,6 +108,8 @@ pub struct Node {
     options: Value,
     claims: Mutex<Vec<ClaimEntry>>,
     next_claim: AtomicU64,
+    /// Backends whose root this node is.
+    users: Mutex<Vec<std::sync::Weak<Backend>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -179,7 +184,15 @@ impl Node {
     /// Puts the node in use for `holder` (a person-readable name such as
     /// "export 'e0'"). Fails when the access conflicts with existing claims.
     pub fn claim(self: &Arc<Self>, holder: impl Into<String>, access: Access) -> Result<Claim, BdevError> {
-        let holder = holder.into();
+        self.claim_as(holder.into(), access, false)
+    }
+
+    /// Claims the node for a parent node's child link.
+    pub fn claim_as_child(self: &Arc<Self>, holder: impl Into<String>, access: Access) -> Result<Claim, BdevError> {
+        self.claim_as(holder.into(), access, true)
+    }
+
+    fn claim_as(self: &Arc<Self>, holder: String, access: Access, parent: bool) -> Result<Claim, BdevError> {
         if access.writes() && self.read_only() {
             return Err(BdevError::ReadOnly { name: self.name.clone(), what: holder });
         }
@@ -193,13 +206,41 @@ impl Node {
             return Err(BdevError::Conflict { name: self.name.clone(), holder: c.holder.clone() });
         }
         let id = self.next_claim.fetch_add(1, Ordering::Relaxed);
-        claims.push(ClaimEntry { id, holder, access });
+        claims.push(ClaimEntry { id, holder, access, parent });
         Ok(Claim { node: Arc::clone(self), id })
     }
 
     /// Who holds claims on this node.
     pub fn holders(&self) -> Vec<String> {
         self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|c| c.holder.clone()).collect()
+    }
+
+    /// Parent nodes holding this one as a child (holder names). A node
+    /// without parents is a root.
+    pub fn parents(&self) -> Vec<String> {
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|c| c.parent)
+            .map(|c| c.holder.clone())
+            .collect()
+    }
+
+    /// The backends whose root this node is.
+    pub fn users(&self) -> Vec<Arc<Backend>> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(|w| w.upgrade()).collect()
+    }
+
+    pub(crate) fn add_user(&self, backend: &Arc<Backend>) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.retain(|w| w.strong_count() > 0);
+        users.push(Arc::downgrade(backend));
+    }
+
+    pub(crate) fn remove_user(&self, backend: &Backend) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), backend));
     }
 
     /// The entry of `query-named-block-nodes` for this node (QEMU's BlockDeviceInfo).
@@ -278,7 +319,7 @@ impl OpenCtx<'_> {
                 return Err(BdevError::invalid(format!("Invalid parameter type for '{role}', expected: BlockdevRef")));
             }
         };
-        let claim = node.claim(format!("node '{}' ({role} child)", self.node_name), access)?;
+        let claim = node.claim_as_child(format!("node '{}' ({role} child)", self.node_name), access)?;
         self.children.push(Child { role, claim });
         Ok(node)
     }
@@ -421,10 +462,112 @@ impl Graph {
             options,
             claims: Mutex::new(Vec::new()),
             next_claim: AtomicU64::new(1),
+            users: Mutex::new(Vec::new()),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);
         Ok(node)
+    }
+
+    /// Adds a node built by Spindle itself (a job's filter) over `children`.
+    /// It is implicit: listed, but deleted by its owner, not `blockdev-del`.
+    pub fn add_internal(
+        &mut self,
+        name: Option<String>,
+        bdev: Arc<dyn Bdev>,
+        children: Vec<Child>,
+    ) -> Result<Arc<Node>, BdevError> {
+        let name = match name {
+            Some(n) => {
+                validate_node_name(&n)?;
+                n
+            }
+            None => {
+                self.implicit_seq += 1;
+                format!("#block{:03}", self.implicit_seq)
+            }
+        };
+        if self.nodes.contains_key(&name) {
+            return Err(BdevError::DuplicateNode(name));
+        }
+        let mut opts = OptReader::new(json!({"driver": bdev.driver()}))?;
+        let mut common = CommonOptions::read(&mut opts)?;
+        common.node_name = name.clone();
+        let node = Arc::new(Node {
+            id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
+            name: name.clone(),
+            common,
+            children: Mutex::new(children),
+            implicit: true,
+            options: json!({"driver": bdev.driver(), "node-name": name}),
+            bdev,
+            claims: Mutex::new(Vec::new()),
+            next_claim: AtomicU64::new(1),
+            users: Mutex::new(Vec::new()),
+        });
+        self.nodes.insert(name.clone(), Arc::clone(&node));
+        self.order.push(name);
+        Ok(node)
+    }
+
+    /// Removes a node added with [`Graph::add_internal`] (or an implicit
+    /// node nobody holds any more), with its implicit children that nobody
+    /// else holds. Fails while anyone holds it.
+    pub fn remove_internal(&mut self, name: &str) -> Result<(), BdevError> {
+        self.remove_node(name, false)
+    }
+
+    /// Replaces `parent`'s child link `role` (claims follow): the new child
+    /// is claimed first, the old link is dropped, and an implicit old child
+    /// nobody holds any more leaves the graph. The driver must already read
+    /// from the new child.
+    pub fn relink_child(
+        &mut self,
+        parent: &Arc<Node>,
+        role: &'static str,
+        new: Option<&Arc<Node>>,
+        access: Access,
+    ) -> Result<(), BdevError> {
+        let claim = match new {
+            Some(n) => Some(n.claim_as_child(format!("node '{}' ({role} child)", parent.name), access)?),
+            None => None,
+        };
+        let old = {
+            let mut children = parent.children.lock().unwrap_or_else(|e| e.into_inner());
+            let old = children.iter().position(|c| c.role == role).map(|i| children.remove(i));
+            if let Some(claim) = claim {
+                children.push(Child { role, claim });
+            }
+            old
+        };
+        if let Some(old) = old {
+            let node = Arc::clone(old.node());
+            drop(old);
+            self.collect_orphan(&node);
+        }
+        Ok(())
+    }
+
+    /// Re-points `node`'s backing to `backing` (or none), writing `name`
+    /// and `format` into its image, and moves the child link.
+    pub fn change_backing(
+        &mut self,
+        node: &Arc<Node>,
+        backing: Option<&Arc<Node>>,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<(), BdevError> {
+        node.bdev.change_backing(backing, name, format)?;
+        self.relink_child(node, "backing", backing, Access::Read)
+    }
+
+    /// Removes `node` and its chain below if they are implicit and nobody holds them.
+    fn collect_orphan(&mut self, node: &Arc<Node>) {
+        if node.implicit && node.holders().is_empty() && self.nodes.contains_key(&node.name) {
+            if let Err(e) = self.remove_node(&node.name, false) {
+                tracing::error!(node = %node.name, error = %e, "removing an orphaned node failed");
+            }
+        }
     }
 
     /// `blockdev-del`: closes a node nobody uses, with its implicit children.
@@ -451,8 +594,12 @@ impl Graph {
             node.release_children().iter().filter(|c| c.implicit).map(|c| c.name.clone()).collect();
         drop(node);
         for child in implicit_children {
-            // The parent is gone, so its claim on the child is released.
-            self.remove_node(&child, force)?;
+            // The parent is gone, so its claim on the child is released;
+            // a child someone else still holds (a job) stays.
+            let held = self.nodes.get(&child).is_some_and(|c| !c.holders().is_empty());
+            if force || !held {
+                self.remove_node(&child, force)?;
+            }
         }
         Ok(())
     }

@@ -52,6 +52,11 @@ impl IoFlags {
     pub const MAY_UNMAP: IoFlags = IoFlags(2);
     /// Write-zeroes must be fast (no data writes) or fail with NotSupported (NBD FAST_ZERO).
     pub const NO_FALLBACK: IoFlags = IoFlags(4);
+    /// Write only where this layer holds nothing yet, leaving what it holds
+    /// (copy-on-read: a stream job pulling backing data up under clients
+    /// that write meanwhile). Honoured by formats with a backing file, in
+    /// whole clusters; jobs send it to nothing else.
+    pub const FILL_UNALLOCATED: IoFlags = IoFlags(8);
 
     pub fn contains(self, other: IoFlags) -> bool {
         self.0 & other.0 == other.0

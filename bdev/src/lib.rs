@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod align;
+pub mod backend;
 pub mod bdev;
 pub mod channel;
 pub mod drivers;
@@ -36,6 +37,7 @@ pub mod graph;
 pub mod io;
 pub mod options;
 
+pub use backend::{Backend, BackendChannel};
 pub use bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
 pub use channel::{BlockChannel, ChannelPolicy, IO_BYTES_MAX, IoFuture};
 pub use error::{BdevError, IoError};

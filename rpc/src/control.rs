@@ -40,7 +40,8 @@ impl ShutdownReason {
 /// What the control plane remembers of an export.
 pub struct ExportRecord {
     pub name: String,
-    pub node_name: String,
+    /// What the export serves (a job may move it to another node).
+    pub backend: Arc<bdev::Backend>,
     /// The `block-export-add` arguments (for `save_config`).
     pub config: Value,
 }
@@ -100,7 +101,10 @@ impl Control {
         if let Some((_, start)) = &self.nbd {
             cfg.push(json!({"method": "nbd-server-start", "params": start}));
             for r in self.export_records.values() {
-                cfg.push(json!({"method": "block-export-add", "params": r.config}));
+                let mut params = r.config.clone();
+                // A finished mirror or commit moved the export to another node.
+                params["node-name"] = json!(r.backend.root().name());
+                cfg.push(json!({"method": "block-export-add", "params": params}));
             }
         }
         cfg

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bdev::{Claim, Node};
+use bdev::Backend;
 use reactor::{Handle, SharedFd};
 
 /// Connections one server accepts at once when no limit is given.
@@ -60,28 +60,20 @@ pub enum ServerError {
     Invalid(String),
 }
 
-/// One export: a node served under a name.
+/// One export: a backend served under a name. The backend's claim keeps
+/// its node from being deleted (and, if writable, from being written
+/// exclusively by someone else); a job may move it to another node.
 pub struct Export {
     pub id: String,
     pub name: String,
     pub description: Option<String>,
-    pub node: Arc<Node>,
+    pub backend: Arc<Backend>,
     pub writable: bool,
-    /// Keeps the node from being deleted (and, if writable, written
-    /// exclusively by someone else) while exported.
-    _claim: Claim,
 }
 
 impl Export {
-    pub fn new(
-        id: String,
-        name: String,
-        description: Option<String>,
-        node: Arc<Node>,
-        writable: bool,
-        claim: Claim,
-    ) -> Export {
-        Export { id, name, description, node, writable, _claim: claim }
+    pub fn new(id: String, name: String, description: Option<String>, backend: Arc<Backend>, writable: bool) -> Export {
+        Export { id, name, description, backend, writable }
     }
 }
 

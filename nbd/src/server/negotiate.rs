@@ -57,7 +57,7 @@ fn transmission_flags(export: &Export, structured: bool) -> u16 {
 }
 
 fn block_size(export: &Export) -> BlockSize {
-    let min = export.node.bdev().block_size().max(1);
+    let min = export.backend.root().bdev().block_size().max(1);
     BlockSize { min, preferred: min.max(4096), max: PAYLOAD_BYTES_MAX }
 }
 
@@ -96,7 +96,7 @@ pub async fn negotiate(sock: &mut Sock, exports: &Exports) -> Result<Option<Sess
                 };
                 let flags = transmission_flags(&export, structured);
                 encode_export_name_reply(
-                    ExportInfo { size: export.node.size(), transmission_flags: flags },
+                    ExportInfo { size: export.backend.root().size(), transmission_flags: flags },
                     client.no_zeroes(),
                     &mut out,
                 );
@@ -134,7 +134,7 @@ pub async fn negotiate(sock: &mut Sock, exports: &Exports) -> Result<Option<Sess
                     continue;
                 };
                 let flags = transmission_flags(&export, structured);
-                InfoReply::Export(ExportInfo { size: export.node.size(), transmission_flags: flags })
+                InfoReply::Export(ExportInfo { size: export.backend.root().size(), transmission_flags: flags })
                     .encode(h.code, &mut out)?;
                 InfoReply::BlockSize(block_size(&export)).encode(h.code, &mut out)?;
                 if req.info_types.contains(&info::NAME) {

@@ -14,7 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use bdev::{BlockChannel, Done, Io, IoDone, IoError, IoFlags};
+use bdev::{BackendChannel, Done, Io, IoDone, IoError, IoFlags};
 use reactor::{IoBuf, LocalNotify};
 use slab::Slab;
 
@@ -72,7 +72,7 @@ struct Pending {
 }
 
 struct Conn {
-    ch: BlockChannel,
+    ch: Rc<BackendChannel>,
     size: u64,
     session: Session,
     pending: RefCell<Slab<Pending>>,
@@ -131,7 +131,7 @@ impl IoDone for Conn {
 /// Serves requests until the client disconnects (or breaks the protocol),
 /// then waits for every request in flight to be answered or dropped.
 pub async fn serve(mut sock: Sock, session: Session) -> Result<(), TransmitError> {
-    let ch = session.export.node.channel().map_err(|e| TransmitError::Abuse(format!("export channel: {e}")))?;
+    let ch = session.export.backend.channel().map_err(|e| TransmitError::Abuse(format!("export channel: {e}")))?;
     let conn = Rc::new(Conn {
         size: ch.size(),
         ch,

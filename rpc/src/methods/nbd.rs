@@ -5,7 +5,7 @@
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
-use bdev::Access;
+use bdev::{Access, Backend};
 use nbd::server::{CONNECTIONS_MAX_DEFAULT, Export, ListenAddr, NbdServer};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -170,10 +170,10 @@ fn add_export(
     }
     let node = ctl.graph.get(&node_name).map_err(bdev_error)?;
     let access = if writable { Access::Write } else { Access::Read };
-    let claim = node.claim(format!("export '{id}'"), access).map_err(bdev_error)?;
-    let export = Arc::new(Export::new(id.clone(), name.clone(), description, node, writable, claim));
+    let backend = Backend::new(&node, format!("export '{id}'"), access).map_err(bdev_error)?;
+    let export = Arc::new(Export::new(id.clone(), name.clone(), description, Arc::clone(&backend), writable));
     ctl.exports.insert(export);
-    ctl.export_records.insert(id, ExportRecord { name, node_name, config: original });
+    ctl.export_records.insert(id, ExportRecord { name, backend, config: original });
     Ok(json!({}))
 }
 
@@ -225,7 +225,7 @@ pub(super) fn query_block_exports(ctl: &mut Control, params: Option<Value>) -> R
     Ok(Value::Array(
         ctl.export_records
             .iter()
-            .map(|(id, r)| json!({"type": "nbd", "id": id, "node-name": r.node_name, "shutting-down": false}))
+            .map(|(id, r)| json!({"type": "nbd", "id": id, "node-name": r.backend.root().name(), "shutting-down": false}))
             .collect(),
     ))
 }

@@ -85,7 +85,7 @@ pub struct Qcow2Bdev {
     block_size: u32,
     read_only: bool,
     file: Arc<Node>,
-    backing: Option<Arc<Node>>,
+    backing: std::sync::Mutex<Option<Arc<Node>>>,
     format_specific: Value,
 }
 
@@ -234,7 +234,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         block_size: file.bdev().block_size(),
         read_only,
         file,
-        backing,
+        backing: std::sync::Mutex::new(backing),
         format_specific,
     }))
 }
@@ -321,8 +321,8 @@ fn format_specific(h: &Header) -> Value {
 }
 
 impl Qcow2Bdev {
-    pub fn backing(&self) -> Option<&Arc<Node>> {
-        self.backing.as_ref()
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.backing.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -359,6 +359,39 @@ impl Bdev for Qcow2Bdev {
     fn info(&self) -> BdevInfo {
         let file = self.file.bdev().info();
         BdevInfo { format_specific: Some(self.format_specific.clone()), actual_size: file.actual_size, ..file }
+    }
+
+    fn change_backing(
+        &self,
+        backing: Option<&Arc<Node>>,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<(), BdevError> {
+        if self.read_only {
+            return Err(BdevError::ReadOnly {
+                name: self.file.name().to_string(),
+                what: "changing the backing file".into(),
+            });
+        }
+        let id = self.id;
+        let new = backing.cloned();
+        let (name, format) = (name.map(str::to_string), format.map(str::to_string));
+        self.home
+            .run(move || async move {
+                let state = image(id).ok_or(BdevError::ReactorGone)?;
+                let backing = match &new {
+                    Some(b) => Some(Backing { ch: b.channel()?, size: b.size() }),
+                    None => None,
+                };
+                state.set_backing(backing, name.as_deref(), format.as_deref()).await.map_err(|source| BdevError::Io {
+                    what: "writing the new backing file name into the qcow2 header".into(),
+                    source,
+                })
+            })
+            .wait()
+            .map_err(|_| BdevError::ReactorGone)??;
+        *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = backing.cloned();
+        Ok(())
     }
 
     fn close(self: Arc<Self>) -> LocalBoxFuture<Result<(), IoError>> {

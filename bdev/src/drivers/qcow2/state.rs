@@ -95,7 +95,8 @@ pub(super) struct Qcow2 {
     pub geo: Geometry,
     pub header: RefCell<Header>,
     file: BlockChannel,
-    backing: Option<Backing>,
+    /// Replaced when a job re-points the image (stream, commit).
+    backing: RefCell<Option<Rc<Backing>>>,
     read_only: bool,
     l1: RefCell<Vec<u64>>,
     l2: RefCell<TableCache<Vec<u64>>>,
@@ -180,7 +181,7 @@ impl Qcow2 {
             geo,
             header: RefCell::new(header),
             file,
-            backing,
+            backing: RefCell::new(backing.map(Rc::new)),
             read_only,
             l1: RefCell::new(l1),
             l2: RefCell::new(TableCache::new(caches.l2_tables)),
@@ -197,6 +198,42 @@ impl Qcow2 {
 
     pub(super) fn file(&self) -> &BlockChannel {
         &self.file
+    }
+
+    fn backing(&self) -> Option<Rc<Backing>> {
+        self.backing.borrow().clone()
+    }
+
+    fn has_backing(&self) -> bool {
+        self.backing.borrow().is_some()
+    }
+
+    /// Reads unallocated clusters from `backing` from now on and records
+    /// it in the header (`name`, `format`). Requests already reading the
+    /// old backing finish there: callers switch only between chains that
+    /// read the same (stream, commit).
+    pub(super) async fn set_backing(
+        &self,
+        backing: Option<Backing>,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<(), IoError> {
+        let _g = self.lock.lock().await;
+        let old = self.header.borrow().clone();
+        let mut new = old.clone();
+        new.set_backing(name, format);
+        if new.serialize().is_err() {
+            // The name does not fit in cluster 0.
+            return Err(IoError::Invalid);
+        }
+        *self.header.borrow_mut() = new;
+        if let Err(e) = self.write_header().await {
+            *self.header.borrow_mut() = old;
+            return Err(e);
+        }
+        self.file.flush().await?;
+        *self.backing.borrow_mut() = backing.map(Rc::new);
+        Ok(())
     }
 
     pub(super) fn l1_entries(&self) -> Vec<u64> {
@@ -670,7 +707,13 @@ impl Qcow2 {
     pub(super) fn submit(self: &Rc<Self>, io: Io, done: Done) {
         let fast = match io.kind {
             IoKind::Read => self.fast_target(&io, false),
-            IoKind::Write if !self.read_only && !io.flags.contains(IoFlags::FUA) => self.fast_target(&io, true),
+            IoKind::Write
+                if !self.read_only
+                    && !io.flags.contains(IoFlags::FUA)
+                    && !io.flags.contains(IoFlags::FILL_UNALLOCATED) =>
+            {
+                self.fast_target(&io, true)
+            }
             _ => None,
         };
         if let Some(host) = fast {
@@ -732,7 +775,7 @@ impl Qcow2 {
             let this = Rc::clone(self);
             match cl {
                 Cluster::Zero { .. } => out[at..at + n as usize].fill(0),
-                Cluster::Unallocated if self.backing.is_none() => out[at..at + n as usize].fill(0),
+                Cluster::Unallocated if !self.has_backing() => out[at..at + n as usize].fill(0),
                 _ => jobs.push((at, reactor::spawn_local(async move { this.read_segment(pos, n, cl).await }))),
             }
         }
@@ -769,7 +812,7 @@ impl Qcow2 {
 
     /// Guest bytes from the backing chain (zeroes past its end).
     async fn read_backing(&self, pos: u64, n: u64) -> Result<IoBuf, IoError> {
-        let Some(b) = &self.backing else { return Ok(IoBuf::zeroed(n as usize)) };
+        let Some(b) = self.backing() else { return Ok(IoBuf::zeroed(n as usize)) };
         if pos >= b.size {
             return Ok(IoBuf::zeroed(n as usize));
         }
@@ -789,7 +832,7 @@ impl Qcow2 {
         let n = out.len() as u64;
         match old {
             Cluster::Zero { .. } => out.fill(0),
-            Cluster::Unallocated if self.backing.is_none() => out.fill(0),
+            Cluster::Unallocated if !self.has_backing() => out.fill(0),
             _ => out.copy_from_slice(&self.read_segment((c << self.geo.cluster_bits) + from, n, old).await?),
         }
         Ok(())
@@ -799,11 +842,13 @@ impl Qcow2 {
         if self.read_only {
             return (io, Err(IoError::ReadOnly));
         }
-        let mut res = match self.write_whole_clusters(&mut io).await {
+        let fill = io.flags.contains(IoFlags::FILL_UNALLOCATED);
+        let whole = if fill { Ok(false) } else { self.write_whole_clusters(&mut io).await };
+        let mut res = match whole {
             Ok(true) => Ok(()),
             Ok(false) => {
                 let data = io.buf.take().expect("write carries a buffer");
-                let r = self.write_range(io.offset, &data).await;
+                let r = self.write_range(io.offset, &data, fill).await;
                 io.buf = Some(data);
                 r
             }
@@ -899,18 +944,20 @@ impl Qcow2 {
 
     /// The general write: in-place where clusters are ours, allocation with
     /// copy-on-write elsewhere.
-    async fn write_range(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+    /// With `fill`, clusters this layer already holds are skipped (see
+    /// [`IoFlags::FILL_UNALLOCATED`]).
+    async fn write_range(&self, offset: u64, data: &[u8], fill: bool) -> Result<(), IoError> {
         let end = offset + data.len() as u64;
         let mut pos = offset;
         while pos < end {
-            pos += self.write_step(pos, offset, data).await?;
+            pos += self.write_step(pos, offset, data, fill).await?;
         }
         Ok(())
     }
 
     /// Writes from `pos` as far as one run of clusters allows; returns the
-    /// bytes written (0: waited for a concurrent allocation, retry).
-    async fn write_step(&self, pos: u64, base: u64, data: &[u8]) -> Result<u64, IoError> {
+    /// bytes written or skipped (0: waited for a concurrent allocation, retry).
+    async fn write_step(&self, pos: u64, base: u64, data: &[u8], fill: bool) -> Result<u64, IoError> {
         let g = self.geo;
         let end = base + data.len() as u64;
         let c0 = g.cluster(pos);
@@ -925,6 +972,10 @@ impl Qcow2 {
         let table_last = (c0 / g.l2_entries + 1) * g.l2_entries - 1;
         let last = g.cluster(end - 1).min(table_last).min(c0 + ALLOC_RUN_CLUSTERS_MAX - 1);
         let first = self.cluster(c0).await?;
+        if fill && first != Cluster::Unallocated {
+            // Held here already (written meanwhile): keep it.
+            return Ok(end.min((c0 + 1) << g.cluster_bits) - pos);
+        }
         if let Cluster::Data { host, copied: true } = first {
             // In place over contiguous clusters that are ours.
             let mut c = c0 + 1;
@@ -944,7 +995,7 @@ impl Qcow2 {
         let mut c = c0 + 1;
         while c <= last && !self.allocating.borrow().contains_key(&c) {
             let cl = self.cluster(c).await?;
-            if matches!(cl, Cluster::Data { copied: true, .. }) {
+            if matches!(cl, Cluster::Data { copied: true, .. }) || (fill && cl != Cluster::Unallocated) {
                 break;
             }
             old.push(cl);
@@ -997,10 +1048,10 @@ impl Qcow2 {
         if !discard {
             // Partial clusters at the edges get zero data.
             if start < a {
-                self.write_range(start, &vec![0u8; (a - start) as usize]).await?;
+                self.write_range(start, &vec![0u8; (a - start) as usize], false).await?;
             }
             if b < end {
-                self.write_range(b, &vec![0u8; (end - b) as usize]).await?;
+                self.write_range(b, &vec![0u8; (end - b) as usize], false).await?;
             }
         }
         let unmap = discard || io.flags.contains(IoFlags::MAY_UNMAP);
@@ -1023,7 +1074,7 @@ impl Qcow2 {
         }
         self.l1_lookup(c)?;
         let old = self.cluster(c).await?;
-        let has_backing = self.backing.is_some();
+        let has_backing = self.has_backing();
         let v3 = g.version >= 3;
         // QEMU's choices, so images end up mapped the same way.
         let new_entry = if discard {
@@ -1049,7 +1100,7 @@ impl Qcow2 {
         } else {
             // Version 2 over a backing file: zeroes must be written as data.
             drop(guard);
-            self.write_range(c << g.cluster_bits, &vec![0u8; g.cluster_size as usize]).await?;
+            self.write_range(c << g.cluster_bits, &vec![0u8; g.cluster_size as usize], false).await?;
             return Ok(1);
         };
         let table = self.writable_l2(c).await?;
@@ -1102,7 +1153,7 @@ impl Qcow2 {
             Cluster::Data { host, .. } => BlockStatus::data(run, Some(host + within)),
             Cluster::Zero { host, .. } => BlockStatus { offset: host.map(|h| h + within), ..BlockStatus::zero(run) },
             Cluster::Compressed { .. } => BlockStatus { compressed: true, ..BlockStatus::data(run, None) },
-            Cluster::Unallocated => match &self.backing {
+            Cluster::Unallocated => match self.backing() {
                 Some(b) if offset < b.size => {
                     let st = b.ch.block_status(offset, run.min(b.size - offset)).await?;
                     BlockStatus { depth: st.depth + 1, ..st }

@@ -1,0 +1,230 @@
+//! Backends: the users' end of the graph (QEMU's BlockBackend).
+//!
+//! An NBD export (later a vhost-user disk) does not hold a node: it holds a
+//! [`Backend`] whose root node can be replaced while requests flow. That is
+//! how a job puts a filter in front of a disk (mirror, backup) and how
+//! `job-complete` moves every user onto a mirror's target at once.
+//!
+//! ```text
+//!   export ──▶ Backend ──root──▶ mirror filter ──▶ source
+//!                  └── replace_root(target): users now reach the target
+//! ```
+//!
+//! Every request counts itself in flight under the root generation it was
+//! sent to, in a per-reactor slot (no shared cache line between reactors).
+//! [`Backend::replace_root`] bumps the generation; [`Backend::drained`]
+//! then tells when every request sent to the old root has completed — the
+//! moment a filter inserted in front of it sees every write.
+
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use slab::Slab;
+
+use crate::channel::BlockChannel;
+use crate::error::{BdevError, IoError};
+use crate::graph::{Access, Claim, Node};
+use crate::io::{BlockStatus, Done, Io, IoDone};
+
+/// In-flight counter slots (reactors hash onto them by id).
+const SLOTS: usize = 64;
+
+/// One slot: requests in flight under even and odd generations, on its
+/// own cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct Slot([AtomicU64; 2]);
+
+struct Root {
+    generation: u64,
+    node: Arc<Node>,
+    _claim: Claim,
+}
+
+/// A user's handle on a node that can be replaced underneath it.
+pub struct Backend {
+    holder: String,
+    access: Access,
+    root: Mutex<Root>,
+    generation: AtomicU64,
+    inflight: Box<[Slot]>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("holder", &self.holder).field("root", &self.root().name()).finish()
+    }
+}
+
+impl Backend {
+    /// Puts `node` in use for `holder` with `access` (see [`Node::claim`]).
+    pub fn new(node: &Arc<Node>, holder: impl Into<String>, access: Access) -> Result<Arc<Backend>, BdevError> {
+        let holder = holder.into();
+        let claim = node.claim(holder.clone(), access)?;
+        let backend = Arc::new(Backend {
+            holder,
+            access,
+            root: Mutex::new(Root { generation: 0, node: Arc::clone(node), _claim: claim }),
+            generation: AtomicU64::new(0),
+            inflight: (0..SLOTS).map(|_| Slot::default()).collect(),
+        });
+        node.add_user(&backend);
+        Ok(backend)
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Root> {
+        self.root.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node requests go to now.
+    pub fn root(&self) -> Arc<Node> {
+        Arc::clone(&self.lock().node)
+    }
+
+    /// Sends new requests to `new` instead of the current root, claiming it
+    /// first (a conflicting claim leaves everything as it was). Requests
+    /// already sent finish where they went; pass the returned generation to
+    /// [`Backend::drained`] to learn when they have.
+    pub fn replace_root(self: &Arc<Self>, new: &Arc<Node>) -> Result<u64, BdevError> {
+        let claim = new.claim(self.holder.clone(), self.access)?;
+        let (old_node, old_generation) = {
+            let mut root = self.lock();
+            let old_generation = root.generation;
+            let old = std::mem::replace(
+                &mut *root,
+                Root { generation: old_generation + 1, node: Arc::clone(new), _claim: claim },
+            );
+            // Requests count themselves, then re-check the generation: the
+            // SeqCst store orders every later check after this swap.
+            self.generation.store(old_generation + 1, Ordering::SeqCst);
+            (old.node, old_generation)
+        };
+        old_node.remove_user(self);
+        new.add_user(self);
+        Ok(old_generation)
+    }
+
+    /// True once no request sent under `generation` is in flight any more.
+    pub fn drained(&self, generation: u64) -> bool {
+        let parity = (generation & 1) as usize;
+        self.inflight.iter().all(|s| s.0[parity].load(Ordering::SeqCst) == 0)
+    }
+
+    /// Blocks the calling (control) thread until [`Backend::drained`].
+    pub fn wait_drained(&self, generation: u64) {
+        let mut pause = std::time::Duration::from_micros(50);
+        while !self.drained(generation) {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A channel for the calling reactor (one per user and reactor).
+    pub fn channel(self: &Arc<Self>) -> Result<Rc<BackendChannel>, BdevError> {
+        let (generation, node) = {
+            let root = self.lock();
+            (root.generation, Arc::clone(&root.node))
+        };
+        let ch = node.channel()?;
+        let slot = reactor::current().id() % SLOTS;
+        Ok(Rc::new_cyclic(|me| BackendChannel {
+            backend: Arc::clone(self),
+            current: RefCell::new((generation, ch)),
+            slot,
+            pending: RefCell::new(Slab::new()),
+            me: me.clone(),
+        }))
+    }
+}
+
+/// A backend's data path on one reactor: follows root replacements.
+pub struct BackendChannel {
+    backend: Arc<Backend>,
+    current: RefCell<(u64, BlockChannel)>,
+    slot: usize,
+    pending: RefCell<Slab<(Done, u64)>>,
+    me: Weak<BackendChannel>,
+}
+
+impl BackendChannel {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// Size of the current root.
+    pub fn size(&self) -> u64 {
+        self.current.borrow().1.size()
+    }
+
+    /// The root's channel for generation `generation`, re-resolved after a replacement.
+    fn channel_for(&self, generation: u64) -> Result<BlockChannel, BdevError> {
+        let mut cur = self.current.borrow_mut();
+        if cur.0 != generation {
+            let node = self.backend.root();
+            *cur = (generation, node.channel()?);
+        }
+        Ok(cur.1.clone())
+    }
+
+    /// Counts a request in flight under the current generation and returns it.
+    fn enter(&self) -> u64 {
+        let slot = &self.backend.inflight[self.slot].0;
+        loop {
+            let g = self.backend.generation.load(Ordering::SeqCst);
+            slot[(g & 1) as usize].fetch_add(1, Ordering::SeqCst);
+            if self.backend.generation.load(Ordering::SeqCst) == g {
+                return g;
+            }
+            slot[(g & 1) as usize].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn leave(&self, generation: u64) {
+        self.backend.inflight[self.slot].0[(generation & 1) as usize].fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Submits a request to the current root.
+    pub fn submit(&self, io: Io, done: Done) {
+        let generation = self.enter();
+        let ch = match self.channel_for(generation) {
+            Ok(ch) => ch,
+            Err(e) => {
+                self.leave(generation);
+                tracing::error!(backend = %self.backend.holder, error = %e, "no channel for the backend's root");
+                return done.complete_later(io, Err(IoError::Canceled));
+            }
+        };
+        let key = self.pending.borrow_mut().insert((done, generation));
+        let me: Rc<dyn IoDone> = self.me.upgrade().expect("channel alive while submitting");
+        ch.submit(io, Done::new(me, key as u64));
+    }
+
+    /// Block status of the current root.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, IoError> {
+        let generation = self.enter();
+        let res = match self.channel_for(generation) {
+            Ok(ch) => ch.block_status(offset, len).await,
+            Err(_) => Err(IoError::Canceled),
+        };
+        self.leave(generation);
+        res
+    }
+}
+
+impl IoDone for BackendChannel {
+    fn io_done(&self, tag: u64, io: Io, res: Result<(), IoError>) {
+        let (done, generation) = self.pending.borrow_mut().remove(tag as usize);
+        self.leave(generation);
+        done.complete(io, res);
+    }
+}

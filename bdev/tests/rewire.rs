@@ -1,0 +1,136 @@
+//! Changing the graph under running I/O: backends moving to another root,
+//! qcow2 images re-pointed to another backing node, and copy-on-read fills.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use bdev::{Access, Backend, IoFlags};
+use common::{Env, pattern};
+use reactor::IoBuf;
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img runs");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn qemu_io(img: &str, cmd: &str) {
+    let out = Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd, img]).output().expect("qemu-io runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail") && !text.contains("error"), "qemu-io {cmd}: {text}");
+}
+
+#[test]
+fn a_backend_moves_to_a_new_root_and_drains_the_old_one() {
+    let mut env = Env::new();
+    let a = env.add(json!({"driver": "malloc", "node-name": "a", "size": 4 * MIB}));
+    let b = env.add(json!({"driver": "malloc", "node-name": "b", "size": 4 * MIB}));
+    let backend = Backend::new(&a, "export 'e'", Access::Write).unwrap();
+    assert_eq!(a.users().len(), 1);
+    assert!(a.holders().contains(&"export 'e'".to_string()));
+
+    // Write through the backend, on a reactor other than the main one.
+    let be = Arc::clone(&backend);
+    let write = |be: Arc<Backend>, seed: u8| async move {
+        let ch = be.channel().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        struct Cb(std::sync::mpsc::Sender<Result<(), bdev::IoError>>);
+        impl bdev::IoDone for Cb {
+            fn io_done(&self, _tag: u64, _io: bdev::Io, res: Result<(), bdev::IoError>) {
+                self.0.send(res).unwrap();
+            }
+        }
+        let done = bdev::Done::new(std::rc::Rc::new(Cb(tx)), 0);
+        ch.submit(bdev::Io::write(0, IoBuf::from_slice(&pattern(0, 4096, seed)), IoFlags::NONE), done);
+        reactor::sleep(std::time::Duration::from_millis(5)).await;
+        rx.try_recv().unwrap()
+    };
+    env.reactors.handles()[1].run(move || write(be, 1)).wait().unwrap().unwrap();
+    let old = backend.replace_root(&b).unwrap();
+    assert!(backend.drained(old));
+    assert_eq!(backend.root().name(), "b");
+    assert!(a.users().is_empty() && a.holders().is_empty(), "the old root is released");
+    assert_eq!(b.users().len(), 1);
+    let be = Arc::clone(&backend);
+    env.reactors.handles()[1].run(move || write(be, 2)).wait().unwrap().unwrap();
+    let got_a = env.on(0, &a, |ch| async move { ch.read(0, 4096).await.unwrap() });
+    let got_b = env.on(0, &b, |ch| async move { ch.read(0, 4096).await.unwrap() });
+    assert_eq!(&got_a[..], &pattern(0, 4096, 1)[..]);
+    assert_eq!(&got_b[..], &pattern(0, 4096, 2)[..]);
+
+    // A conflicting claim leaves the backend where it was.
+    let _job = a.claim("job 'j'", Access::ExclusiveWrite).unwrap();
+    assert!(backend.replace_root(&a).is_err());
+    assert_eq!(backend.root().name(), "b");
+    drop(backend);
+    assert!(b.holders().is_empty());
+}
+
+#[test]
+fn a_qcow2_image_is_repointed_to_another_backing_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let (base, mid, top) = (p("base.qcow2"), p("mid.qcow2"), p("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", &base, "4M"]);
+    qemu_io(&base, "write -P 0x11 0 4M");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid]);
+    qemu_io(&mid, "write -P 0x22 1M 1M");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top]);
+    {
+        let mut env = Env::new();
+        let top_node = env.add(json!({"driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top}}));
+        let mid_node = top_node.children().into_iter().find(|(r, _)| *r == "backing").unwrap().1;
+        let base_node = mid_node.children().into_iter().find(|(r, _)| *r == "backing").unwrap().1;
+        // Make base hold what mid holds (what a commit does), then skip mid.
+        let data = env.on(0, &mid_node, |ch| async move { ch.read(MIB, MIB as usize).await.unwrap() });
+        assert!(data.iter().all(|&b| b == 0x22));
+        let base_rw = env.add(json!({"driver": "qcow2", "node-name": "base-rw",
+            "file": {"driver": "file", "filename": base}}));
+        env.on(0, &base_rw, move |ch| async move { ch.write(MIB, data, IoFlags::NONE).await.1.unwrap() });
+        env.graph.change_backing(&top_node, Some(&base_rw), Some(&base), Some("qcow2")).unwrap();
+        let names: Vec<String> = env.graph.nodes().map(|n| n.name().to_string()).collect();
+        assert!(!names.contains(&mid_node.name().to_string()), "mid left the graph: {names:?}");
+        assert!(!names.contains(&base_node.name().to_string()), "so did the read-only base: {names:?}");
+        let got = env.on(1, &top_node, |ch| async move { ch.read(MIB, MIB as usize).await.unwrap() });
+        assert!(got.iter().all(|&b| b == 0x22));
+        // And to no backing at all: the image reads zeroes where it holds nothing.
+        env.graph.change_backing(&top_node, None, None, None).unwrap();
+        let got = env.on(0, &top_node, |ch| async move { ch.read(0, 4096).await.unwrap() });
+        assert!(got.iter().all(|&b| b == 0));
+    }
+    let info = Command::new("qemu-img").args(["info", "--output=json", &top]).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    qemu_img(&["check", "-q", &top]);
+}
+
+#[test]
+fn fill_writes_only_where_the_top_holds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let (base, top) = (p("base.qcow2"), p("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", &base, "4M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", &base, "-F", "qcow2", &top]);
+    qemu_io(&top, "write -P 0x33 64k 64k");
+    qemu_io(&top, "write -z 192k 64k");
+    {
+        let mut env = Env::new();
+        let node = env.add(json!({"driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top}}));
+        env.on(0, &node, |ch| async move {
+            let buf = IoBuf::from_slice(&[0x44u8; 256 << 10]);
+            ch.write(0, buf, IoFlags::FILL_UNALLOCATED).await.1.unwrap();
+        });
+    }
+    // Clusters 0 and 2 were filled; 1 (data) and 3 (zero) kept theirs.
+    qemu_io(&top, "read -P 0x44 0 64k");
+    qemu_io(&top, "read -P 0x33 64k 64k");
+    qemu_io(&top, "read -P 0x44 128k 64k");
+    qemu_io(&top, "read -P 0 192k 64k");
+    qemu_img(&["check", "-q", &top]);
+}
