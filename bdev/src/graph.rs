@@ -563,10 +563,12 @@ impl Graph {
 
     /// Removes `node` and its chain below if they are implicit and nobody holds them.
     fn collect_orphan(&mut self, node: &Arc<Node>) {
-        if node.implicit && node.holders().is_empty() && self.nodes.contains_key(&node.name) {
-            if let Err(e) = self.remove_node(&node.name, false) {
-                tracing::error!(node = %node.name, error = %e, "removing an orphaned node failed");
-            }
+        if node.implicit
+            && node.holders().is_empty()
+            && self.nodes.contains_key(&node.name)
+            && let Err(e) = self.remove_node(&node.name, false)
+        {
+            tracing::error!(node = %node.name, error = %e, "removing an orphaned node failed");
         }
     }
 

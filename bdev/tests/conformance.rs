@@ -58,6 +58,11 @@ fn targets() -> Vec<Target> {
     let node = env.add(json!({"driver": "raw", "node-name": "r0", "offset": 1 << 20, "size": SIZE, "discard": "unmap",
         "file": {"driver": "file", "filename": path.to_str().unwrap(), "discard": "unmap"}}));
     out.push(Target { name: "raw-offset", env, node, discard_zeroes: true, _dir: Some(dir) });
+    // blkdebug without rules: a pass-through filter.
+    let mut env = Env::new();
+    let node = env.add(json!({"driver": "blkdebug", "node-name": "d0", "discard": "unmap",
+        "image": {"driver": "malloc", "size": SIZE, "discard": "unmap"}}));
+    out.push(Target { name: "blkdebug", env, node, discard_zeroes: true, _dir: None });
     out.push(qcow2_target(false));
     out.push(qcow2_target(true));
     out

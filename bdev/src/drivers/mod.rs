@@ -1,6 +1,7 @@
 //! Built-in drivers. Each opens from `blockdev-add` options through an
 //! [`OpenFn`](crate::graph::OpenFn) registered by name.
 
+pub mod blkdebug;
 pub mod file;
 pub mod malloc;
 pub mod null;
@@ -16,4 +17,5 @@ pub(crate) fn register_builtin(graph: &mut Graph) {
     graph.register_driver("malloc", malloc::open);
     graph.register_driver("raw", raw::open);
     graph.register_driver("qcow2", qcow2::open);
+    graph.register_driver("blkdebug", blkdebug::open);
 }

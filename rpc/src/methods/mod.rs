@@ -1,5 +1,6 @@
 //! Command implementations, registered in one table.
 
+mod blkdebug;
 mod block;
 mod daemon;
 mod debug_io;
@@ -24,6 +25,7 @@ pub fn registry() -> Registry<Control> {
     r.add("save_config", "The commands that rebuild the current state", daemon::save_config);
     r.add("framework_get_reactors", "Per-reactor counters", daemon::framework_get_reactors);
     r.add("x-debug-io", "Run a qemu-io command on a node", debug_io::x_debug_io);
+    r.add("x-blkdebug-set-rules", "Replace a blkdebug node's error-injection rules", blkdebug::x_blkdebug_set_rules);
     r.add("nbd-server-start", "Start the NBD server on a TCP or Unix address", nbd::nbd_server_start);
     r.add("nbd-server-stop", "Stop the NBD server and remove its exports", nbd::nbd_server_stop);
     r.add("block-export-add", "Export a node over NBD", nbd::block_export_add);
