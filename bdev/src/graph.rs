@@ -403,6 +403,13 @@ impl Graph {
         self.open_node(options, Some(name))
     }
 
+    /// Opens a node Spindle needs for itself (a writable twin of a
+    /// read-only image for a commit): implicit, with a generated name
+    /// unless the options give one.
+    pub fn add_implicit(&mut self, options: Value) -> Result<Arc<Node>, BdevError> {
+        self.open_node(options, None)
+    }
+
     fn open_node(&mut self, options: Value, name: Option<String>) -> Result<Arc<Node>, BdevError> {
         let mut opts = OptReader::new(options.clone())?;
         let explicit = opts.str_opt("node-name")?;

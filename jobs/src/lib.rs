@@ -1,9 +1,37 @@
 //! Block jobs: QEMU's job model (statuses, verbs, events, speed limits,
 //! error policies) and the jobs that move data between nodes while clients
-//! keep using them — mirror, commit, stream, then backup, create, amend.
-//! Each job is a task on the home reactor of its nodes.
+//! keep using them.
 //!
-//! The crate is reserved in the workspace; the job core lands with the
-//! block-job work.
+//! ```text
+//!   status.rs    statuses, transitions, the verb table
+//!   job.rs       a job's shared state; JobCtx, the job's own handle
+//!   manager.rs   the job table and a job's life on the control thread
+//!   ratelimit.rs the speed limit
+//!   dirty.rs     dirty bitmaps
+//!   locks.rs     range locks between copies and write-blocking writes
+//!   mirror.rs    mirror and active commit (filter, copy loop, pivot)
+//!   chain.rs     backing chains: layers by name, writable twins
+//!   commit.rs    commit (intermediate here, active on the mirror engine)
+//!   stream.rs    stream
+//! ```
+//!
+//! A job's work is a task on the home reactor of its nodes with a bounded
+//! number of I/Os in flight; its beginning and end (checks, claims, graph
+//! changes) run on the control thread.
 
 #![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod commit;
+pub mod dirty;
+pub mod job;
+pub mod locks;
+pub mod manager;
+pub mod mirror;
+pub mod ratelimit;
+pub mod status;
+pub mod stream;
+
+pub use job::{ErrorAction, EventSink, IoStatus, JobCtx, JobShared, JobType, OnError};
+pub use manager::{JobError, JobHooks, JobManager, NewJob, RunFn};
+pub use status::{JobStatus, Verb};

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bdev::{BdevError, Graph};
-use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use jobs::JobManager;
 use nbd::server::{Exports, NbdServer};
 use reactor::Handle;
 use serde_json::{Value, json};
@@ -18,6 +19,9 @@ use crate::event::EventBus;
 use crate::qmp::ServerInfo;
 use crate::registry::Registry;
 use crate::server::Dispatcher;
+
+/// How long shutdown waits for cancelled jobs to end.
+const JOBS_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why the daemon stops, as QEMU's SHUTDOWN event names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,8 @@ pub struct Control {
     pub exports: Arc<Exports>,
     /// Exports by id.
     pub export_records: BTreeMap<String, ExportRecord>,
+    /// Block jobs.
+    pub jobs: JobManager,
     shutdown: Option<ShutdownReason>,
 }
 
@@ -68,6 +74,8 @@ impl Control {
         let mut graph = Graph::new(reactors.clone());
         // The NBD client lives in the nbd crate, above the device layer.
         graph.register_driver(nbd::client::DRIVER_NAME, nbd::client::open);
+        let bus = Arc::clone(&events);
+        let jobs = JobManager::new(reactors[0].clone(), Arc::new(move |name: &str, data: Value| bus.emit(name, data)));
         Control {
             graph,
             reactors,
@@ -77,8 +85,14 @@ impl Control {
             nbd: None,
             exports: Arc::new(Exports::new()),
             export_records: BTreeMap::new(),
+            jobs,
             shutdown: None,
         }
+    }
+
+    /// Cancels every job and waits for them to end (daemon shutdown).
+    pub fn stop_jobs(&mut self) {
+        self.jobs.cancel_all(&mut self.graph, JOBS_STOP_LIMIT);
     }
 
     /// Stops the NBD server: no new connections, the existing ones end
@@ -163,7 +177,17 @@ impl Dispatcher for ControlSender {
 /// queued at that point are refused.
 pub fn run_control_loop(ctl: &mut Control, registry: &Registry<Control>, rx: Receiver<ControlMsg>) -> ShutdownReason {
     let reason = loop {
-        let Ok(msg) = rx.recv() else {
+        let finished = ctl.jobs.finished().clone();
+        let msg = select! {
+            recv(rx) -> msg => msg,
+            recv(finished) -> done => {
+                if let Ok((id, result)) = done {
+                    ctl.jobs.on_finished(&mut ctl.graph, &id, result);
+                }
+                continue;
+            }
+        };
+        let Ok(msg) = msg else {
             break ShutdownReason::Signal;
         };
         match msg {
@@ -190,6 +214,20 @@ pub fn run_control_loop(ctl: &mut Control, registry: &Registry<Control>, rx: Rec
     // Dropping the receiver makes later dispatches fail at once.
     drop(rx);
     reason
+}
+
+/// The one mapping from job errors to RPC errors.
+pub fn job_error(e: jobs::JobError) -> RpcError {
+    use jobs::JobError as J;
+    let msg = e.to_string();
+    match e {
+        J::Invalid(_) => RpcError::invalid_params(msg),
+        J::NoSuchJob => RpcError::new(crate::error::ErrorKind::NoSuchJob, msg),
+        J::NotActive(_) => RpcError::new(crate::error::ErrorKind::NotActive, msg),
+        J::Exists(_) => RpcError::exists(msg),
+        J::Busy(_) => RpcError::busy(msg),
+        J::Failed(_) => RpcError::failed(msg),
+    }
 }
 
 /// The one mapping from device-layer errors to RPC errors.

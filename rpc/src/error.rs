@@ -10,8 +10,12 @@ pub enum ErrorKind {
     InvalidRequest,
     MethodNotFound,
     InvalidParams,
-    /// A named object (node, export, job) does not exist.
+    /// A named object (node, export) does not exist.
     NotFound,
+    /// No job has this id (`job-*` commands).
+    NoSuchJob,
+    /// No block job has this id (`block-job-*` commands; QEMU's DeviceNotActive).
+    NotActive,
     /// The object to create already exists.
     Exists,
     /// The object is in use.
@@ -89,7 +93,7 @@ pub fn json_rpc_code(kind: ErrorKind) -> i64 {
         ErrorKind::MethodNotFound => -32601,
         ErrorKind::InvalidParams => -32602,
         ErrorKind::Internal => -32603,
-        ErrorKind::NotFound => -i64::from(libc::ENODEV),
+        ErrorKind::NotFound | ErrorKind::NoSuchJob | ErrorKind::NotActive => -i64::from(libc::ENODEV),
         ErrorKind::Exists => -i64::from(libc::EEXIST),
         ErrorKind::Busy => -i64::from(libc::EBUSY),
         ErrorKind::Failed => -i64::from(libc::EIO),
@@ -101,9 +105,11 @@ pub fn qmp_class(kind: ErrorKind) -> &'static str {
     match kind {
         ErrorKind::MethodNotFound => "CommandNotFound",
         ErrorKind::NotFound => "DeviceNotFound",
+        ErrorKind::NotActive => "DeviceNotActive",
         ErrorKind::ParseError
         | ErrorKind::InvalidRequest
         | ErrorKind::InvalidParams
+        | ErrorKind::NoSuchJob
         | ErrorKind::Exists
         | ErrorKind::Busy
         | ErrorKind::Failed

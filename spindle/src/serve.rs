@@ -197,6 +197,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         server.shutdown();
         Ok(())
     })();
+    ctl.stop_jobs();
     ctl.stop_nbd();
     ctl.graph.close_all();
     reactors.stop();

@@ -129,8 +129,15 @@ impl Daemon {
 
     /// Graceful stop with SIGTERM; returns the exit status.
     pub fn stop(mut self) -> ExitStatus {
+        self.shutdown()
+    }
+
+    /// Graceful stop that keeps the directory (to inspect its files).
+    pub fn shutdown(&mut self) -> ExitStatus {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.wait_exit()
+        let status = self.wait_exit();
+        assert!(status.success(), "spindle stopped with {status}:\n{}", self.log_text());
+        status
     }
 }
 

@@ -4,6 +4,7 @@ mod blkdebug;
 mod block;
 mod daemon;
 mod debug_io;
+mod jobs;
 pub(crate) mod nbd;
 pub mod qemu_io;
 
@@ -33,5 +34,23 @@ pub fn registry() -> Registry<Control> {
     r.add("query-block-exports", "List the exports", nbd::query_block_exports);
     r.add("nbd-server-add", "Export a node over NBD (older form of block-export-add)", nbd::nbd_server_add);
     r.add("nbd-server-remove", "Remove an NBD export by name", nbd::nbd_server_remove);
+    r.add("query-jobs", "List jobs (QEMU's JobInfo)", jobs::query_jobs);
+    r.add("query-block-jobs", "List block jobs (QEMU's BlockJobInfo)", jobs::query_block_jobs);
+    r.add("job-pause", "Pause a job", jobs::job_pause);
+    r.add("job-resume", "Resume a paused job", jobs::job_resume);
+    r.add("job-cancel", "Cancel a job (always forced)", jobs::job_cancel);
+    r.add("job-complete", "Complete a ready job (mirror pivot)", jobs::job_complete);
+    r.add("job-finalize", "Finalize a pending job", jobs::job_finalize);
+    r.add("job-dismiss", "Remove a concluded job", jobs::job_dismiss);
+    r.add("block-job-pause", "Pause a block job", jobs::block_job_pause);
+    r.add("block-job-resume", "Resume a paused block job", jobs::block_job_resume);
+    r.add("block-job-cancel", "Cancel a block job (soft for a ready mirror unless force)", jobs::block_job_cancel);
+    r.add("block-job-complete", "Complete a ready block job", jobs::block_job_complete);
+    r.add("block-job-finalize", "Finalize a pending block job", jobs::block_job_finalize);
+    r.add("block-job-dismiss", "Remove a concluded block job", jobs::block_job_dismiss);
+    r.add("block-job-set-speed", "Change a block job's speed limit (bytes/s)", jobs::block_job_set_speed);
+    r.add("blockdev-mirror", "Mirror a node into an existing node", jobs::blockdev_mirror);
+    r.add("block-commit", "Merge a chain's layers down into a lower one", jobs::block_commit);
+    r.add("block-stream", "Pull backing data up into an image", jobs::block_stream);
     r
 }

@@ -1,0 +1,365 @@
+//! Job commands: the verbs (`job-*`, `block-job-*`), the queries, and the
+//! commands that start jobs (`blockdev-mirror`, `drive-mirror`,
+//! `block-commit`, `block-stream`), with QEMU's argument names.
+
+use jobs::commit::CommitArgs;
+use jobs::mirror::{CopyMode, MirrorConfig, SyncMode};
+use jobs::stream::StreamArgs;
+use jobs::{JobType, OnError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::control::{Control, bdev_error, job_error};
+use crate::error::RpcError;
+use crate::registry::decode;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdParams {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceParams {
+    device: String,
+}
+
+pub(super) fn job_pause(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.pause(&p.id, false).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn job_resume(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.resume(&p.id, false).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+/// `job-cancel` is always a forced cancel.
+pub(super) fn job_cancel(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.cancel(&mut ctl.graph, &p.id, true, false).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn job_complete(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.complete(&p.id, false).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn job_finalize(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.finalize(&mut ctl.graph, &p.id, false).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn job_dismiss(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.dismiss(&p.id, false).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn block_job_pause(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: DeviceParams = decode(params)?;
+    ctl.jobs.pause(&p.device, true).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn block_job_resume(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: DeviceParams = decode(params)?;
+    ctl.jobs.resume(&p.device, true).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockCancelParams {
+    device: String,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `block-job-cancel`: without `force`, a ready mirror finishes without pivoting.
+pub(super) fn block_job_cancel(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: BlockCancelParams = decode(params)?;
+    ctl.jobs.cancel(&mut ctl.graph, &p.device, p.force, true).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn block_job_complete(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: DeviceParams = decode(params)?;
+    ctl.jobs.complete(&p.device, true).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn block_job_finalize(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.finalize(&mut ctl.graph, &p.id, true).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn block_job_dismiss(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: IdParams = decode(params)?;
+    ctl.jobs.dismiss(&p.id, true).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetSpeedParams {
+    device: String,
+    speed: i64,
+}
+
+pub(super) fn block_job_set_speed(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: SetSpeedParams = decode(params)?;
+    ctl.jobs.set_speed(&p.device, p.speed).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+pub(super) fn query_jobs(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = decode_empty(params)?;
+    Ok(Value::Array(ctl.jobs.query_jobs()))
+}
+
+pub(super) fn query_block_jobs(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = decode_empty(params)?;
+    Ok(Value::Array(ctl.jobs.query_block_jobs()))
+}
+
+fn decode_empty(params: Option<Value>) -> Result<serde_json::Map<String, Value>, RpcError> {
+    let m: serde_json::Map<String, Value> = decode(params)?;
+    if let Some(k) = m.keys().next() {
+        return Err(RpcError::invalid_params(format!("Parameter '{k}' is unexpected")));
+    }
+    Ok(m)
+}
+
+/// A job id: given, well formed, or QEMU's error for node-only configurations.
+fn job_id(id: Option<String>) -> Result<String, RpcError> {
+    id.ok_or_else(|| RpcError::invalid_params("An explicit job ID is required"))
+}
+
+fn speed(speed: Option<i64>) -> Result<u64, RpcError> {
+    match speed {
+        Some(s) if s < 0 => Err(RpcError::invalid_params("Parameter 'speed' expects a non-negative value")),
+        Some(s) => Ok(s as u64),
+        None => Ok(0),
+    }
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum MirrorSync {
+    Full,
+    Top,
+    None,
+    Incremental,
+    Bitmap,
+}
+
+#[derive(Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "kebab-case")]
+enum MirrorCopyMode {
+    #[default]
+    Background,
+    WriteBlocking,
+}
+
+fn sync_mode(s: MirrorSync) -> Result<SyncMode, RpcError> {
+    match s {
+        MirrorSync::Full => Ok(SyncMode::Full),
+        MirrorSync::Top => Ok(SyncMode::Top),
+        MirrorSync::None => Ok(SyncMode::None),
+        MirrorSync::Incremental | MirrorSync::Bitmap => {
+            Err(RpcError::invalid_params("Sync mode 'incremental' and 'bitmap' are not supported by mirror"))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockdevMirrorParams {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    #[serde(default)]
+    replaces: Option<String>,
+    sync: MirrorSync,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    granularity: Option<u64>,
+    #[serde(default)]
+    buf_size: Option<u64>,
+    #[serde(default)]
+    on_source_error: OnError,
+    #[serde(default)]
+    on_target_error: OnError,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    copy_mode: MirrorCopyMode,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+fn check_replaces(replaces: Option<&str>, device: &str) -> Result<(), RpcError> {
+    match replaces {
+        Some(r) if r != device => Err(RpcError::invalid_params(format!(
+            "Cannot replace node '{r}': only the mirrored node '{device}' itself can be replaced"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `blockdev-mirror`: mirror `device` into the existing node `target`.
+pub(super) fn blockdev_mirror(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: BlockdevMirrorParams = decode(params)?;
+    check_replaces(p.replaces.as_deref(), &p.device)?;
+    let cfg = MirrorConfig {
+        job_id: job_id(p.job_id)?,
+        kind: JobType::Mirror,
+        source: ctl.graph.get(&p.device).map_err(bdev_error)?,
+        target: ctl.graph.get(&p.target).map_err(bdev_error)?,
+        sync: sync_mode(p.sync)?,
+        speed: speed(p.speed)?,
+        granularity: p.granularity,
+        buf_size: p.buf_size,
+        on_source_error: p.on_source_error,
+        on_target_error: p.on_target_error,
+        unmap: true,
+        copy_mode: copy_mode(p.copy_mode),
+        auto_finalize: p.auto_finalize.unwrap_or(true),
+        auto_dismiss: p.auto_dismiss.unwrap_or(true),
+        filter_node_name: p.filter_node_name,
+        extra_claims: Vec::new(),
+        extra_nodes: Vec::new(),
+        on_pivot: None,
+        on_abort: None,
+    };
+    jobs::mirror::start(&mut ctl.graph, &mut ctl.jobs, cfg).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+fn copy_mode(m: MirrorCopyMode) -> CopyMode {
+    match m {
+        MirrorCopyMode::Background => CopyMode::Background,
+        MirrorCopyMode::WriteBlocking => CopyMode::WriteBlocking,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockCommitParams {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    #[serde(default)]
+    base_node: Option<String>,
+    #[serde(default)]
+    base: Option<String>,
+    #[serde(default)]
+    top_node: Option<String>,
+    #[serde(default)]
+    top: Option<String>,
+    #[serde(default)]
+    backing_file: Option<String>,
+    #[serde(default)]
+    backing_mask_protocol: bool,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    on_error: OnError,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+/// `block-commit`: merge `top` (default: the active layer) down into
+/// `base` (default: the bottom of the chain).
+pub(super) fn block_commit(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: BlockCommitParams = decode(params)?;
+    if p.base.is_some() && p.base_node.is_some() {
+        return Err(RpcError::invalid_params("'base' and 'base-node' are mutually exclusive"));
+    }
+    if p.top.is_some() && p.top_node.is_some() {
+        return Err(RpcError::invalid_params("'top' and 'top-node' are mutually exclusive"));
+    }
+    let args = CommitArgs {
+        job_id: job_id(p.job_id)?,
+        device: p.device,
+        base_node: p.base_node,
+        base: p.base,
+        top_node: p.top_node,
+        top: p.top,
+        backing_file: p.backing_file,
+        backing_mask_protocol: p.backing_mask_protocol,
+        speed: speed(p.speed)?,
+        on_error: p.on_error,
+        filter_node_name: p.filter_node_name,
+        auto_finalize: p.auto_finalize.unwrap_or(true),
+        auto_dismiss: p.auto_dismiss.unwrap_or(true),
+    };
+    jobs::commit::start(&mut ctl.graph, &mut ctl.jobs, args).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockStreamParams {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    #[serde(default)]
+    base: Option<String>,
+    #[serde(default)]
+    base_node: Option<String>,
+    #[serde(default)]
+    bottom: Option<String>,
+    #[serde(default)]
+    backing_file: Option<String>,
+    #[serde(default)]
+    backing_mask_protocol: bool,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    on_error: OnError,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+/// `block-stream`: pull the chain above `base` (default: all of it) into `device`.
+pub(super) fn block_stream(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    let p: BlockStreamParams = decode(params)?;
+    // Streaming needs no filter node here; the name is accepted for compatibility.
+    let _ = p.filter_node_name;
+    let args = StreamArgs {
+        job_id: job_id(p.job_id)?,
+        device: p.device,
+        base: p.base,
+        base_node: p.base_node,
+        bottom: p.bottom,
+        backing_file: p.backing_file,
+        backing_mask_protocol: p.backing_mask_protocol,
+        speed: speed(p.speed)?,
+        on_error: p.on_error,
+        auto_finalize: p.auto_finalize.unwrap_or(true),
+        auto_dismiss: p.auto_dismiss.unwrap_or(true),
+    };
+    jobs::stream::start(&mut ctl.graph, &mut ctl.jobs, args).map_err(job_error)?;
+    Ok(json!({}))
+}
