@@ -300,3 +300,475 @@ fn stream_pulls_the_chain_into_top_under_client_writes() {
     qio(&top, &["read -P 0x11 3M 3M", "read -P 0 6M 1M", "read -P 0x11 7M 9M"]);
     qio(&base, &["read -P 0x11 0 16M"]);
 }
+
+/// A source with 32 MiB of data and an empty target of the same size, the
+/// source exported writable as "disk".
+fn mirror_pair(d: &Daemon) -> (PathBuf, PathBuf) {
+    let src = create(d, "src.qcow2", "32M", None);
+    qio(&src, &["write -P 0x5a 0 32M"]);
+    let tgt = create(d, "tgt.qcow2", "32M", None);
+    add_qcow2(d, "src", &src);
+    add_qcow2(d, "tgt", &tgt);
+    nbd_start(d);
+    export(d, "disk", "src");
+    (src, tgt)
+}
+
+/// A mirror slow enough to act on mid-way: 1 MiB/s, 1 MiB in flight.
+fn slow_mirror(q: &mut Qmp, id: &str) {
+    exec_ok(
+        q,
+        "blockdev-mirror",
+        json!({"job-id": id, "device": "src", "target": "tgt", "sync": "full", "speed": MIB, "buf-size": MIB}),
+    );
+}
+
+fn block_job(d: &Daemon, id: &str) -> Value {
+    let jobs = d.ok("query-block-jobs", json!({}));
+    jobs.as_array().unwrap().iter().find(|j| j["device"] == id).cloned().unwrap_or(Value::Null)
+}
+
+#[test]
+fn cancelling_a_mirror_midway_keeps_the_source_in_use_and_untouched() {
+    let mut d = Daemon::start();
+    let (src, tgt) = mirror_pair(&d);
+    let mut q = Qmp::negotiated(&d.qmp);
+    slow_mirror(&mut q, "m1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while block_job(&d, "m1")["offset"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the mirror makes no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let job = block_job(&d, "m1");
+    assert!(job["offset"].as_u64().unwrap() < job["len"].as_u64().unwrap(), "{job}");
+    assert_eq!(job["speed"], json!(MIB));
+    nbd_io(&d, "disk", &["write -P 0x61 8M 64k"]);
+    exec_ok(&mut q, "job-cancel", json!({"id": "m1"}));
+    let mut events = until(&mut q, "BLOCK_JOB_CANCELLED", "m1");
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "m1"));
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "m1"));
+    assert_eq!(statuses(&events, "m1"), ["created", "running", "aborting", "concluded", "null"]);
+    assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "src");
+    nbd_io(&d, "disk", &["write -P 0x62 9M 64k", "read -P 0x61 8M 64k", "read -P 0x5a 0 8M"]);
+    // The target is free again.
+    d.ok("blockdev-del", json!({"node-name": "tgt"}));
+    d.ok("block-export-del", json!({"id": "disk"}));
+    d.shutdown();
+    qemu_img(&["check", "-q", src.to_str().unwrap()]);
+    qemu_img(&["check", "-q", tgt.to_str().unwrap()]);
+    qio(&src, &["read -P 0x5a 0 8M", "read -P 0x61 8M 64k", "read -P 0x62 9M 64k", "read -P 0x5a 10M 22M"]);
+}
+
+#[test]
+fn pause_resume_speed_and_a_soft_cancel_after_ready() {
+    let mut d = Daemon::start();
+    let (src, tgt) = mirror_pair(&d);
+    let mut q = Qmp::negotiated(&d.qmp);
+    slow_mirror(&mut q, "m2");
+    exec_ok(&mut q, "block-job-pause", json!({"device": "m2"}));
+    let events = until(&mut q, "JOB_STATUS_CHANGE", "m2");
+    let events: Vec<_> = events.into_iter().chain(until(&mut q, "JOB_STATUS_CHANGE", "m2")).collect();
+    let events: Vec<_> = events.into_iter().chain(until(&mut q, "JOB_STATUS_CHANGE", "m2")).collect();
+    assert_eq!(statuses(&events, "m2"), ["created", "running", "paused"]);
+    let job = block_job(&d, "m2");
+    assert_eq!(
+        (job["paused"].clone(), job["status"].clone(), job["busy"].clone()),
+        (json!(true), json!("paused"), json!(false))
+    );
+    assert_eq!(exec_err(&mut q, "job-pause", json!({"id": "m2"})), "Job is already paused");
+    assert_eq!(
+        exec_err(&mut q, "job-complete", json!({"id": "m2"})),
+        "Job 'm2' in state 'paused' cannot accept command verb 'complete'"
+    );
+    assert_eq!(
+        exec_err(&mut q, "job-finalize", json!({"id": "m2"})),
+        "Job 'm2' in state 'paused' cannot accept command verb 'finalize'"
+    );
+    assert_eq!(
+        exec_err(&mut q, "block-job-cancel", json!({"device": "m2"})),
+        "The block job for device 'm2' is currently paused"
+    );
+    assert_eq!(
+        exec_err(&mut q, "block-job-set-speed", json!({"device": "m2", "speed": -1})),
+        "Parameter 'speed' expects a non-negative value"
+    );
+    exec_ok(&mut q, "job-resume", json!({"id": "m2"}));
+    let events = until(&mut q, "JOB_STATUS_CHANGE", "m2");
+    assert_eq!(statuses(&events, "m2"), ["running"]);
+    assert_eq!(exec_err(&mut q, "job-resume", json!({"id": "m2"})), "Can't resume a job that was not paused");
+    // Lifting the limit lets it finish the copy.
+    exec_ok(&mut q, "block-job-set-speed", json!({"device": "m2", "speed": 0}));
+    until(&mut q, "BLOCK_JOB_READY", "m2");
+    assert_eq!(block_job(&d, "m2")["speed"], json!(0));
+    nbd_io(&d, "disk", &["write -P 0x63 1M 64k"]);
+    // Soft cancel of a ready mirror: it finishes without pivoting.
+    exec_ok(&mut q, "block-job-cancel", json!({"device": "m2"}));
+    let mut events = until(&mut q, "BLOCK_JOB_COMPLETED", "m2");
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "m2"));
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "m2"));
+    assert_eq!(
+        statuses(&events, "m2"),
+        ["standby", "ready", "waiting", "pending", "concluded", "null"].map(String::from)[2..]
+    );
+    assert!(q.events.iter().all(|e| e["event"] != "BLOCK_JOB_CANCELLED"));
+    assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "src");
+    d.ok("block-export-del", json!({"id": "disk"}));
+    d.shutdown();
+    // The target is a copy of the source as of the cancel.
+    qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
+    qio(&tgt, &["read -P 0x63 1M 64k"]);
+}
+
+#[test]
+fn auto_finalize_and_auto_dismiss_off_wait_for_the_user() {
+    let d = Daemon::start();
+    chain3(&d);
+    let mut q = Qmp::negotiated(&d.qmp);
+    exec_ok(
+        &mut q,
+        "block-stream",
+        json!({"job-id": "s2", "device": "top", "base-node": "base", "auto-finalize": false, "auto-dismiss": false}),
+    );
+    let events = until(&mut q, "BLOCK_JOB_PENDING", "s2");
+    assert_eq!(events.last().unwrap()["data"], json!({"type": "stream", "id": "s2"}));
+    assert_eq!(d.ok("query-jobs", json!({}))[0]["status"], "pending");
+    assert_eq!(
+        exec_err(&mut q, "job-dismiss", json!({"id": "s2"})),
+        "Job 's2' in state 'pending' cannot accept command verb 'dismiss'"
+    );
+    // The chain is unchanged until finalize.
+    let top = d.ok("query-named-block-nodes", json!({}));
+    let top = top.as_array().unwrap().iter().find(|n| n["node-name"] == "top").unwrap().clone();
+    assert_eq!(
+        top["children"].as_array().unwrap().iter().find(|c| c["child"] == "backing").unwrap()["node-name"],
+        "mid"
+    );
+    exec_ok(&mut q, "job-finalize", json!({"id": "s2"}));
+    let mut events = until(&mut q, "BLOCK_JOB_COMPLETED", "s2");
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "s2"));
+    assert_eq!(statuses(&events, "s2"), ["concluded"]);
+    let jobs = d.ok("query-jobs", json!({}));
+    assert_eq!(
+        jobs,
+        json!([{"id": "s2", "type": "stream", "status": "concluded",
+        "current-progress": 16 * MIB, "total-progress": 16 * MIB}])
+    );
+    // A concluded job keeps its id until dismissed.
+    assert_eq!(
+        exec_err(&mut q, "block-stream", json!({"job-id": "s2", "device": "top"})),
+        "Job ID 's2' already in use"
+    );
+    exec_ok(&mut q, "job-dismiss", json!({"id": "s2"}));
+    let events = until(&mut q, "JOB_STATUS_CHANGE", "s2");
+    assert_eq!(statuses(&events, "s2"), ["null"]);
+    assert_eq!(d.ok("query-jobs", json!({})), json!([]));
+    d.stop();
+}
+
+#[test]
+fn bad_job_arguments_get_qemus_errors_and_change_nothing() {
+    let d = Daemon::start();
+    let _ = mirror_pair(&d);
+    let small = create(&d, "small.qcow2", "1M", None);
+    add_qcow2(&d, "small", &small);
+    let mut q = Qmp::negotiated(&d.qmp);
+    let m = |extra: Value| {
+        let mut a = json!({"job-id": "m", "device": "src", "target": "tgt", "sync": "full"});
+        for (k, v) in extra.as_object().unwrap() {
+            a[k] = v.clone();
+        }
+        a
+    };
+    let mut no_id = m(json!({}));
+    no_id.as_object_mut().unwrap().remove("job-id");
+    assert_eq!(exec_err(&mut q, "blockdev-mirror", no_id), "An explicit job ID is required");
+    assert_eq!(exec_err(&mut q, "blockdev-mirror", m(json!({"job-id": "1x"}))), "Invalid job ID '1x'");
+    assert_eq!(
+        exec_err(&mut q, "blockdev-mirror", m(json!({"granularity": 3000}))),
+        "Parameter 'granularity' expects a power of 2"
+    );
+    assert_eq!(
+        exec_err(&mut q, "blockdev-mirror", m(json!({"target": "small"}))),
+        "Source and target image have different sizes"
+    );
+    assert_eq!(exec_err(&mut q, "blockdev-mirror", m(json!({"target": "src"}))), "Can't mirror node into itself");
+    assert!(exec_err(&mut q, "blockdev-mirror", m(json!({"sync": "sideways"}))).contains("sync"));
+    assert!(exec_err(&mut q, "blockdev-mirror", m(json!({"target": "nope"}))).contains("nope"));
+    assert_eq!(
+        exec_err(&mut q, "blockdev-mirror", m(json!({"speed": -5}))),
+        "Parameter 'speed' expects a non-negative value"
+    );
+    assert_eq!(exec_err(&mut q, "job-pause", json!({"id": "m"})), "Job not found");
+    let r = q.execute("block-job-pause", Some(json!({"device": "m"})));
+    assert_eq!(
+        (r["error"]["class"].as_str(), r["error"]["desc"].as_str()),
+        (Some("DeviceNotActive"), Some("Block job 'm' not found"))
+    );
+    // A node in use by a job cannot start another one.
+    slow_mirror(&mut q, "busy");
+    // As in QEMU, the source is behind the job's filter now, no root any more.
+    assert_eq!(
+        exec_err(
+            &mut q,
+            "blockdev-mirror",
+            json!({"job-id": "m3", "device": "src", "target": "small", "sync": "full"})
+        ),
+        "Need a root block node"
+    );
+    assert_eq!(
+        exec_err(&mut q, "block-stream", json!({"job-id": "s3", "device": "tgt"})),
+        "Node 'tgt' is busy: block device is in use by block job: mirror"
+    );
+    assert_eq!(
+        exec_err(&mut q, "block-stream", json!({"job-id": "busy", "device": "small"})),
+        "Job ID 'busy' already in use"
+    );
+    exec_ok(&mut q, "job-cancel", json!({"id": "busy"}));
+    until(&mut q, "BLOCK_JOB_CANCELLED", "busy");
+    // Nothing was left behind: no jobs, no filter nodes.
+    assert_eq!(d.ok("query-jobs", json!({})), json!([]));
+    let mut names = node_names(&d);
+    names.retain(|n| !n.starts_with('#'));
+    names.sort();
+    assert_eq!(names, ["small", "src", "tgt"]);
+    assert!(d.ok("query-named-block-nodes", json!({})).as_array().unwrap().iter().all(|n| n["drv"] != "mirror_top"));
+    d.stop();
+}
+
+/// A mirror pair whose target sits under a blkdebug node ("dbg") that
+/// fails the first target write with `errno` (every write if not `once`).
+fn failing_target(d: &Daemon, errno: i32, once: bool) -> (PathBuf, PathBuf) {
+    let src = create(d, "src.qcow2", "8M", None);
+    qio(&src, &["write -P 0x5a 0 8M"]);
+    let tgt = create(d, "tgt.qcow2", "8M", None);
+    add_qcow2(d, "src", &src);
+    add_qcow2(d, "tgt", &tgt);
+    d.ok("blockdev-add", json!({"driver": "blkdebug", "node-name": "dbg", "image": "tgt"}));
+    d.ok(
+        "x-blkdebug-set-rules",
+        json!({"node-name": "dbg",
+        "inject-error": [{"event": "write_aio", "errno": errno, "once": once}]}),
+    );
+    nbd_start(d);
+    export(d, "disk", "src");
+    (src, tgt)
+}
+
+fn mirror_to_dbg(q: &mut Qmp, id: &str, policy: &str) {
+    exec_ok(
+        q,
+        "blockdev-mirror",
+        json!({"job-id": id, "device": "src", "target": "dbg", "sync": "full",
+        "on-target-error": policy}),
+    );
+}
+
+#[test]
+fn on_target_error_stop_pauses_with_the_error_and_resume_retries() {
+    for (errno, policy, io_status) in [(5, "stop", "failed"), (28, "enospc", "nospace")] {
+        let mut d = Daemon::start();
+        let (src, tgt) = failing_target(&d, errno, true);
+        let mut q = Qmp::negotiated(&d.qmp);
+        mirror_to_dbg(&mut q, "e1", policy);
+        let events = until(&mut q, "BLOCK_JOB_ERROR", "e1");
+        assert_eq!(events.last().unwrap()["data"], json!({"device": "e1", "operation": "write", "action": "stop"}));
+        let events = until(&mut q, "JOB_STATUS_CHANGE", "e1");
+        assert_eq!(statuses(&events, "e1"), ["paused"], "{policy}");
+        let job = block_job(&d, "e1");
+        assert_eq!((job["io-status"].as_str(), job["paused"].as_bool()), (Some(io_status), Some(true)), "{job}");
+        exec_ok(&mut q, "block-job-resume", json!({"device": "e1"}));
+        until(&mut q, "BLOCK_JOB_READY", "e1");
+        assert_eq!(block_job(&d, "e1")["io-status"], "ok");
+        exec_ok(&mut q, "job-complete", json!({"id": "e1"}));
+        until(&mut q, "BLOCK_JOB_COMPLETED", "e1");
+        d.ok("block-export-del", json!({"id": "disk"}));
+        d.shutdown();
+        qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn on_target_error_ignore_retries_and_report_fails_the_job() {
+    let mut d = Daemon::start();
+    let (src, tgt) = failing_target(&d, 5, true);
+    let mut q = Qmp::negotiated(&d.qmp);
+    mirror_to_dbg(&mut q, "e2", "ignore");
+    let events = until(&mut q, "BLOCK_JOB_ERROR", "e2");
+    assert_eq!(events.last().unwrap()["data"]["action"], "ignore");
+    until(&mut q, "BLOCK_JOB_READY", "e2");
+    exec_ok(&mut q, "job-complete", json!({"id": "e2"}));
+    until(&mut q, "BLOCK_JOB_COMPLETED", "e2");
+    d.ok("block-export-del", json!({"id": "disk"}));
+    d.shutdown();
+    qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
+
+    let d = Daemon::start();
+    failing_target(&d, 5, false);
+    let mut q = Qmp::negotiated(&d.qmp);
+    mirror_to_dbg(&mut q, "e3", "report");
+    let events = until(&mut q, "BLOCK_JOB_ERROR", "e3");
+    assert_eq!(events.last().unwrap()["data"]["action"], "report");
+    let mut events = until(&mut q, "BLOCK_JOB_COMPLETED", "e3");
+    assert_eq!(events.last().unwrap()["data"]["error"], "Input/output error");
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "e3"));
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "e3"));
+    let st = statuses(&events, "e3");
+    assert_eq!(st[st.len() - 3..], ["aborting", "concluded", "null"]);
+    assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "src");
+    nbd_io(&d, "disk", &["read -P 0x5a 0 8M"]);
+    d.stop();
+}
+
+#[test]
+fn stream_with_on_error_ignore_carries_on_then_fails_keeping_the_backing() {
+    let mut d = Daemon::start();
+    let base = create(&d, "base.qcow2", "4M", None);
+    qio(&base, &["write -P 0x11 0 4M"]);
+    let mid = create(&d, "mid.qcow2", "4M", Some(&base));
+    qio(&mid, &["write -P 0x22 0 1M", "write -P 0x23 2M 1M"]);
+    let top = create(&d, "top.qcow2", "4M", Some(&mid));
+    d.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+        "file": {"driver": "file", "filename": base, "read-only": true}}),
+    );
+    d.ok(
+        "blockdev-add",
+        json!({"driver": "blkdebug", "node-name": "mid-dbg", "read-only": true,
+        "image": {"driver": "file", "filename": mid, "read-only": true}}),
+    );
+    d.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
+        "file": "mid-dbg"}),
+    );
+    d.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
+        "file": {"driver": "file", "filename": top}}),
+    );
+    // Reads of mid's first data cluster fail (the data starts after its metadata).
+    let map = d.ok("x-block-status", json!({"node-name": "mid"}));
+    let host = map.as_array().unwrap().iter().find(|e| e["data"] == true).unwrap()["offset"].as_u64().unwrap();
+    d.ok(
+        "x-blkdebug-set-rules",
+        json!({"node-name": "mid-dbg",
+        "inject-error": [{"event": "read_aio", "sector": host / 512, "once": false}]}),
+    );
+    let mut q = Qmp::negotiated(&d.qmp);
+    exec_ok(
+        &mut q,
+        "block-stream",
+        json!({"job-id": "s4", "device": "top", "base-node": "base", "on-error": "ignore"}),
+    );
+    let events = until(&mut q, "BLOCK_JOB_COMPLETED", "s4");
+    let errors: Vec<_> = events.iter().filter(|e| e["event"] == "BLOCK_JOB_ERROR").collect();
+    assert!(!errors.is_empty() && errors.iter().all(|e| e["data"]["action"] == "ignore"), "{events:?}");
+    assert_eq!(events.last().unwrap()["data"]["error"], "Input/output error");
+    let top_node = d.ok("query-named-block-nodes", json!({}));
+    let top_node = top_node.as_array().unwrap().iter().find(|n| n["node-name"] == "top").unwrap().clone();
+    assert_eq!(
+        top_node["children"].as_array().unwrap().iter().find(|c| c["child"] == "backing").unwrap()["node-name"],
+        "mid"
+    );
+    d.shutdown();
+    // It carried on past the error: the second range came up into top.
+    let map = qemu_img(&["map", "--output=json", top.to_str().unwrap()]);
+    let map: Value = serde_json::from_str(&map).unwrap();
+    let at = |off: u64| {
+        map.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["start"].as_u64().unwrap() <= off
+                    && off < e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap()
+            })
+            .unwrap()["depth"]
+            .clone()
+    };
+    assert_eq!(at(2 * MIB), json!(0), "{map}");
+    assert_eq!(at(0), json!(1), "the failed range stayed in mid: {map}");
+    assert_eq!(backing_chain(&top).len(), 3);
+}
+
+#[test]
+fn qemus_python_qmp_client_runs_a_mirror_a_commit_and_a_stream() {
+    let mut d = Daemon::start();
+    let src = create(&d, "src.qcow2", "8M", None);
+    qio(&src, &["write -P 0x1 0 8M"]);
+    let tgt = create(&d, "tgt.qcow2", "8M", None);
+    let base = create(&d, "base.qcow2", "8M", None);
+    qio(&base, &["write -P 0x2 0 8M"]);
+    let mid = create(&d, "mid.qcow2", "8M", Some(&base));
+    qio(&mid, &["write -P 0x3 1M 1M"]);
+    let top = create(&d, "top.qcow2", "8M", Some(&mid));
+    qio(&top, &["write -P 0x4 2M 1M"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/qmp_jobs.py");
+    let out = run(Command::new("python3").arg(script).arg(&d.qmp).arg(d.dir.path()));
+    assert!(out.contains("OK"), "{out}");
+    d.shutdown();
+    qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
+    assert_eq!(backing_chain(&top), [top.to_str().unwrap()]);
+    qio(&top, &["read -P 0x2 0 1M", "read -P 0x3 1M 1M", "read -P 0x4 2M 1M", "read -P 0x2 3M 5M"]);
+}
+
+/// Expected final byte per 64 KiB block after `writes` (offset, pattern).
+fn writer_cmds(n: usize, size: u64, seed: u64) -> (Vec<String>, std::collections::BTreeMap<u64, u8>) {
+    let mut cmds = Vec::new();
+    let mut last = std::collections::BTreeMap::new();
+    let blocks = size / (64 << 10);
+    let mut x = seed;
+    for i in 0..n {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let block = (x >> 33) % blocks;
+        let pat = (i % 200 + 20) as u8;
+        cmds.push(format!("write -P {pat} {} 64k", block * (64 << 10)));
+        last.insert(block, pat);
+    }
+    (cmds, last)
+}
+
+#[test]
+fn mirrors_converge_under_a_writer_and_pivot_its_live_connection() {
+    for mode in ["background", "write-blocking"] {
+        let mut d = Daemon::start();
+        let (_src, tgt) = mirror_pair(&d);
+        let mut q = Qmp::negotiated(&d.qmp);
+        // One NBD connection writes throughout the job and across the pivot.
+        let (cmds, last) = writer_cmds(1500, 32 * MIB, mode.len() as u64);
+        let uri = format!("nbd+unix:///disk?socket={}", d.path("nbd.sock").display());
+        let writer = std::thread::spawn(move || {
+            let mut c = Command::new("qemu-io");
+            c.args(["-f", "raw"]);
+            for cmd in &cmds {
+                c.args(["-c", cmd]);
+            }
+            let out = c.arg(uri).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && !text.contains("fail"), "{text}");
+        });
+        exec_ok(
+            &mut q,
+            "blockdev-mirror",
+            json!({"job-id": "w", "device": "src", "target": "tgt", "sync": "full",
+            "copy-mode": mode}),
+        );
+        until(&mut q, "BLOCK_JOB_READY", "w");
+        let job = block_job(&d, "w");
+        assert_eq!(job["actively-synced"], json!(mode == "write-blocking"), "{job}");
+        exec_ok(&mut q, "job-complete", json!({"id": "w"}));
+        until(&mut q, "BLOCK_JOB_COMPLETED", "w");
+        writer.join().unwrap();
+        assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "tgt");
+        d.ok("block-export-del", json!({"id": "disk"}));
+        d.shutdown();
+        // Every write reached the target, whether before, during or after the pivot.
+        let mut reads = Vec::new();
+        for (block, pat) in &last {
+            reads.push(format!("read -P {pat} {} 64k", block * (64 << 10)));
+        }
+        let refs: Vec<&str> = reads.iter().map(String::as_str).collect();
+        qio(&tgt, &refs);
+        qemu_img(&["check", "-q", tgt.to_str().unwrap()]);
+    }
+}
