@@ -772,3 +772,103 @@ fn mirrors_converge_under_a_writer_and_pivot_its_live_connection() {
         qemu_img(&["check", "-q", tgt.to_str().unwrap()]);
     }
 }
+
+fn map_depths(img: &Path) -> Vec<(u64, u64, i64, bool)> {
+    let out = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["depth"].as_i64().unwrap(),
+                e["data"] == true,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn drive_mirror_creates_targets_for_each_sync_mode() {
+    let mut d = Daemon::start();
+    let base = create(&d, "base.qcow2", "8M", None);
+    qio(&base, &["write -P 0x11 0 8M"]);
+    let top = create(&d, "top.qcow2", "8M", Some(&base));
+    qio(&top, &["write -P 0x22 2M 1M"]);
+    d.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top}}));
+    nbd_start(&d);
+    export(&d, "disk", "top");
+    let mut q = Qmp::negotiated(&d.qmp);
+
+    // sync=top: a new qcow2 on the same backing file, holding top's data only.
+    let t1 = d.path("top-copy.qcow2");
+    exec_ok(
+        &mut q,
+        "drive-mirror",
+        json!({"job-id": "d1", "device": "top", "target": t1, "sync": "top",
+        "node-name": "copy", "format": "qcow2"}),
+    );
+    let events = until(&mut q, "BLOCK_JOB_READY", "d1");
+    assert_eq!(events.last().unwrap()["data"]["len"], json!(MIB), "only top's data is copied");
+    exec_ok(&mut q, "block-job-cancel", json!({"device": "d1"}));
+    until(&mut q, "BLOCK_JOB_COMPLETED", "d1");
+    // Without a pivot nothing uses the target the job opened: it is closed (as in QEMU).
+    assert!(!node_names(&d).contains(&"copy".to_string()));
+
+    // sync=full into a raw file; cancel first removes what the job opened.
+    let t2 = d.path("full.raw");
+    exec_ok(
+        &mut q,
+        "drive-mirror",
+        json!({"job-id": "d2", "device": "top", "target": t2, "sync": "full",
+        "format": "raw", "speed": MIB, "buf-size": MIB}),
+    );
+    exec_ok(&mut q, "job-cancel", json!({"id": "d2"}));
+    until(&mut q, "BLOCK_JOB_CANCELLED", "d2");
+    assert!(d.ok("query-named-block-nodes", json!({})).as_array().unwrap().iter().all(|n| n["drv"] != "raw"));
+    exec_ok(
+        &mut q,
+        "drive-mirror",
+        json!({"job-id": "d3", "device": "top", "target": t2, "sync": "full", "format": "raw"}),
+    );
+    until(&mut q, "BLOCK_JOB_READY", "d3");
+    exec_ok(&mut q, "job-complete", json!({"id": "d3"}));
+    until(&mut q, "BLOCK_JOB_COMPLETED", "d3");
+    let root = d.ok("query-block-exports", json!({}))[0]["node-name"].as_str().unwrap().to_string();
+    let nodes = d.ok("query-named-block-nodes", json!({}));
+    let node = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == root.as_str()).unwrap();
+    assert_eq!(node["drv"], "raw", "the export now serves the raw copy: {node}");
+
+    // sync=none from the raw copy: a new qcow2 backed by it, holding only new writes.
+    let t3 = d.path("delta.qcow2");
+    exec_ok(
+        &mut q,
+        "drive-mirror",
+        json!({"job-id": "d4", "device": root, "target": t3, "sync": "none",
+        "format": "qcow2"}),
+    );
+    until(&mut q, "BLOCK_JOB_READY", "d4");
+    nbd_io(&d, "disk", &["write -P 0x33 5M 64k"]);
+    exec_ok(&mut q, "job-complete", json!({"id": "d4"}));
+    until(&mut q, "BLOCK_JOB_COMPLETED", "d4");
+    nbd_io(&d, "disk", &["read -P 0x33 5M 64k", "read -P 0x22 2M 1M", "read -P 0x11 0 2M"]);
+    d.ok("block-export-del", json!({"id": "disk"}));
+    d.shutdown();
+
+    assert_eq!(backing_chain(&t1), [t1.to_str().unwrap(), base.to_str().unwrap()]);
+    let m = map_depths(&t1);
+    assert!(m.iter().any(|&(s, l, depth, _)| s == 2 * MIB && l == MIB && depth == 0), "{m:?}");
+    assert!(m.iter().filter(|e| e.2 == 0).all(|&(s, l, _, _)| s == 2 * MIB && l == MIB), "only top's data: {m:?}");
+    qio(&t1, &["read -P 0x11 0 2M", "read -P 0x22 2M 1M", "read -P 0x11 3M 5M"]);
+    run(Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read -P 0x11 0 2M", "-c", "read -P 0x22 2M 1M"])
+        .arg(&t2));
+    assert_eq!(backing_chain(&t3), [t3.to_str().unwrap(), t2.to_str().unwrap()]);
+    let m = map_depths(&t3);
+    assert!(m.iter().filter(|e| e.2 == 0).all(|&(s, l, _, _)| s == 5 * MIB && l == 64 << 10), "{m:?}");
+    qio(&t3, &["read -P 0x33 5M 64k"]);
+    qemu_img(&["check", "-q", t1.to_str().unwrap()]);
+    qemu_img(&["check", "-q", t3.to_str().unwrap()]);
+}

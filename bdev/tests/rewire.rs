@@ -134,3 +134,34 @@ fn fill_writes_only_where_the_top_holds_nothing() {
     qemu_io(&top, "read -P 0 192k 64k");
     qemu_img(&["check", "-q", &top]);
 }
+
+#[test]
+fn created_images_pass_qemu_img_check_and_take_writes() {
+    use bdev::drivers::qcow2::create::{CreateOptions, create};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let img = dir.path().join("new.qcow2");
+    for (size, cluster) in [(64 * MIB, None), (3 * MIB + 512, Some(4096)), (1 << 40, Some(2 << 20)), (0, None)] {
+        create(&img, &CreateOptions { size, cluster_size: cluster, ..Default::default() }).unwrap();
+        qemu_img(&["check", "-q", img.to_str().unwrap()]);
+        let info = Command::new("qemu-img").args(["info", "--output=json", img.to_str().unwrap()]).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["virtual-size"], size);
+        assert_eq!(info["cluster-size"], cluster.unwrap_or(65536));
+        assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+    }
+    create(&base, &CreateOptions { size: 4 * MIB, ..Default::default() }).unwrap();
+    qemu_io(base.to_str().unwrap(), "write -P 0x5 0 4M");
+    let opts = CreateOptions {
+        size: 4 * MIB,
+        backing_file: Some(base.to_str().unwrap().into()),
+        backing_format: Some("qcow2".into()),
+        ..Default::default()
+    };
+    create(&img, &opts).unwrap();
+    qemu_io(img.to_str().unwrap(), "read -P 0x5 0 4M");
+    qemu_io(img.to_str().unwrap(), "write -P 0x6 1M 1M");
+    qemu_img(&["check", "-q", img.to_str().unwrap()]);
+    assert!(create(&img, &CreateOptions { size: 1000, ..Default::default() }).is_err());
+    assert!(create(&img, &CreateOptions { size: 4096, cluster_size: Some(3000), ..Default::default() }).is_err());
+}

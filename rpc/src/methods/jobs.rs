@@ -6,6 +6,8 @@ use jobs::commit::CommitArgs;
 use jobs::mirror::{CopyMode, MirrorConfig, SyncMode};
 use jobs::stream::StreamArgs;
 use jobs::{JobType, OnError};
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -362,4 +364,165 @@ pub(super) fn block_stream(ctl: &mut Control, params: Option<Value>) -> Result<V
     };
     jobs::stream::start(&mut ctl.graph, &mut ctl.jobs, args).map_err(job_error)?;
     Ok(json!({}))
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+enum NewImageMode {
+    Existing,
+    #[default]
+    AbsolutePaths,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DriveMirrorParams {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    replaces: Option<String>,
+    sync: MirrorSync,
+    #[serde(default)]
+    mode: NewImageMode,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    granularity: Option<u64>,
+    #[serde(default)]
+    buf_size: Option<u64>,
+    #[serde(default)]
+    on_source_error: OnError,
+    #[serde(default)]
+    on_target_error: OnError,
+    #[serde(default)]
+    unmap: Option<bool>,
+    #[serde(default)]
+    copy_mode: MirrorCopyMode,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+/// The image format of a node, as a target file would be created in.
+fn format_of(node: &bdev::Node) -> &'static str {
+    match node.driver() {
+        "qcow2" => "qcow2",
+        _ => "raw",
+    }
+}
+
+/// `drive-mirror`: mirror `device` into the file `target`, created first
+/// (`mode: absolute-paths`, with the backing the sync mode needs) or
+/// opened as it is (`mode: existing`).
+pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    use bdev::drivers::qcow2::create::{CreateOptions, create, create_raw};
+    let p: DriveMirrorParams = decode(params)?;
+    check_replaces(p.replaces.as_deref(), &p.device)?;
+    let id = job_id(p.job_id)?;
+    ctl.jobs.check_new_id(&id).map_err(job_error)?;
+    let sync = sync_mode(p.sync)?;
+    let source = ctl.graph.get(&p.device).map_err(bdev_error)?;
+    let format = match (&p.format, p.mode) {
+        (Some(f), _) => f.clone(),
+        (None, NewImageMode::Existing) => String::new(),
+        (None, NewImageMode::AbsolutePaths) => format_of(&source).to_string(),
+    };
+    if !format.is_empty() && format != "qcow2" && format != "raw" {
+        return Err(RpcError::invalid_params(format!("Parameter 'format' does not accept value '{format}'")));
+    }
+    let backing_node = source.children().into_iter().find(|(r, _)| *r == "backing").map(|(_, b)| b);
+    // The layer the target reads where it holds nothing.
+    let below = match sync {
+        SyncMode::Top => backing_node,
+        SyncMode::None => Some(Arc::clone(&source)),
+        _ => None,
+    };
+    let path = std::path::PathBuf::from(&p.target);
+    let mut opts = json!({"file": {"driver": "file", "filename": p.target}});
+    if p.mode == NewImageMode::AbsolutePaths {
+        let size = source.size();
+        let made = if format == "qcow2" {
+            let (file, fmt) = match &below {
+                Some(b) => (Some(jobs::chain::filename(b)), Some(format_of(b).to_string())),
+                None => (None, None),
+            };
+            create(&path, &CreateOptions { size, cluster_size: None, backing_file: file, backing_format: fmt })
+        } else {
+            create_raw(&path, size)
+        };
+        made.map_err(|e| RpcError::failed(format!("Could not create '{}': {e}", p.target)))?;
+        if format == "qcow2" {
+            // A target over the source itself gets that backing at the
+            // pivot: until then the source must stay a root.
+            let now = if sync == SyncMode::None { None } else { below.as_ref() };
+            opts["backing"] = now.map_or(Value::Null, |b| json!(b.name()));
+        }
+    }
+    opts["driver"] = json!(if format.is_empty() { probe(&path)?.to_string() } else { format });
+    let target = match &p.node_name {
+        Some(name) => {
+            opts["node-name"] = json!(name);
+            ctl.graph.add(opts).map_err(bdev_error)?
+        }
+        None => ctl.graph.add_implicit(opts).map_err(bdev_error)?,
+    };
+    let target_name = target.name().to_string();
+    let explicit = p.node_name.is_some();
+    let format_is_qcow2 = target.driver() == "qcow2";
+    let (target_node, source_node) = (Arc::clone(&target), Arc::clone(&source));
+    let cfg = MirrorConfig {
+        job_id: id,
+        kind: JobType::Mirror,
+        source,
+        target,
+        sync,
+        speed: speed(p.speed)?,
+        granularity: p.granularity,
+        buf_size: p.buf_size,
+        on_source_error: p.on_source_error,
+        on_target_error: p.on_target_error,
+        unmap: p.unmap.unwrap_or(true),
+        copy_mode: copy_mode(p.copy_mode),
+        auto_finalize: p.auto_finalize.unwrap_or(true),
+        auto_dismiss: p.auto_dismiss.unwrap_or(true),
+        filter_node_name: None,
+        extra_claims: Vec::new(),
+        extra_nodes: Vec::new(),
+        on_pivot: (sync == SyncMode::None && p.mode == NewImageMode::AbsolutePaths && format_is_qcow2).then(|| {
+            let (target, source) = (Arc::clone(&target_node), Arc::clone(&source_node));
+            Box::new(move |g: &mut bdev::Graph| {
+                let (name, fmt) = (jobs::chain::filename(&source), format_of(&source));
+                if let Err(e) = g.change_backing(&target, Some(&source), Some(&name), Some(fmt)) {
+                    tracing::error!(error = %e, "attaching the mirror target's backing failed");
+                }
+            }) as jobs::mirror::GraphFn
+        }),
+        // The job opened the target: it goes when the job ends without a pivot.
+        on_abort: Some(Box::new(move |g: &mut bdev::Graph| {
+            let _ = if explicit { g.remove(&target_name) } else { g.remove_internal(&target_name) };
+        })),
+    };
+    let name = cfg.target.name().to_string();
+    if let Err(e) = jobs::mirror::start(&mut ctl.graph, &mut ctl.jobs, cfg) {
+        let _ = if explicit { ctl.graph.remove(&name) } else { ctl.graph.remove_internal(&name) };
+        return Err(job_error(e));
+    }
+    Ok(json!({}))
+}
+
+/// qcow2 when the file starts with the qcow2 magic, raw otherwise.
+fn probe(path: &std::path::Path) -> Result<&'static str, RpcError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|e| RpcError::failed(format!("Could not open '{}': {e}", path.display())))?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" })
 }

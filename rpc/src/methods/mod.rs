@@ -6,6 +6,7 @@ mod daemon;
 mod debug_io;
 mod jobs;
 pub(crate) mod nbd;
+mod perf;
 pub mod qemu_io;
 
 use crate::control::Control;
@@ -34,6 +35,8 @@ pub fn registry() -> Registry<Control> {
     r.add("query-block-exports", "List the exports", nbd::query_block_exports);
     r.add("nbd-server-add", "Export a node over NBD (older form of block-export-add)", nbd::nbd_server_add);
     r.add("nbd-server-remove", "Remove an NBD export by name", nbd::nbd_server_remove);
+    r.add("perf_start", "Start a bdevperf-style run on a node; answers its id at once", perf::perf_start);
+    r.add("perf_results", "Progress of a perf run, or its results once finished", perf::perf_results);
     r.add("query-jobs", "List jobs (QEMU's JobInfo)", jobs::query_jobs);
     r.add("query-block-jobs", "List block jobs (QEMU's BlockJobInfo)", jobs::query_block_jobs);
     r.add("job-pause", "Pause a job", jobs::job_pause);
@@ -50,6 +53,7 @@ pub fn registry() -> Registry<Control> {
     r.add("block-job-dismiss", "Remove a concluded block job", jobs::block_job_dismiss);
     r.add("block-job-set-speed", "Change a block job's speed limit (bytes/s)", jobs::block_job_set_speed);
     r.add("blockdev-mirror", "Mirror a node into an existing node", jobs::blockdev_mirror);
+    r.add("drive-mirror", "Mirror a node into a new (or existing) image file", jobs::drive_mirror);
     r.add("block-commit", "Merge a chain's layers down into a lower one", jobs::block_commit);
     r.add("block-stream", "Pull backing data up into an image", jobs::block_stream);
     r

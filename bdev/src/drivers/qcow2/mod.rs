@@ -16,6 +16,7 @@
 //! otherwise.
 
 mod cache;
+pub mod create;
 pub mod entry;
 pub mod header;
 mod rebuild;
