@@ -165,3 +165,26 @@ fn created_images_pass_qemu_img_check_and_take_writes() {
     assert!(create(&img, &CreateOptions { size: 1000, ..Default::default() }).is_err());
     assert!(create(&img, &CreateOptions { size: 4096, cluster_size: Some(3000), ..Default::default() }).is_err());
 }
+
+#[test]
+fn direct_io_on_a_file_whose_size_is_not_aligned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.img");
+    let data = pattern(0, 100_000, 7);
+    std::fs::write(&path, &data).unwrap();
+    let mut env = Env::new();
+    let node = env.add(json!({"driver": "file", "node-name": "odd", "filename": path.to_str().unwrap(),
+        "cache": {"direct": true}}));
+    if node.describe()["cache"]["direct"] != json!(true) {
+        return; // the file system has no O_DIRECT
+    }
+    assert_eq!(node.size(), 100_000);
+    let tail = env.on(1, &node, |ch| async move { ch.read(99_000, 1000).await.unwrap() });
+    assert_eq!(&tail[..], &data[99_000..]);
+    env.on(0, &node, |ch| async move {
+        ch.write(98_500, IoBuf::from_slice(&[0xee; 1500]), IoFlags::NONE).await.1.unwrap();
+    });
+    let got = env.on(1, &node, |ch| async move { ch.read(98_000, 2000).await.unwrap() });
+    assert_eq!(&got[..500], &data[98_000..98_500]);
+    assert!(got[500..].iter().all(|&b| b == 0xee));
+}

@@ -33,7 +33,10 @@ impl Reactors {
             return Err(StartError::NoCores);
         }
         let mut reactors = Reactors { handles: Vec::new(), threads: Vec::new() };
+        // Kernel workers for punted requests may use every allowed core.
+        let workers = crate::cpuset::allowed_cores().unwrap_or_default();
         for &core in cores {
+            let workers = workers.clone();
             let (tx, rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("reactor_{core}"))
@@ -49,6 +52,12 @@ impl Reactors {
                             return;
                         }
                     };
+                    if pin
+                        && !workers.is_empty()
+                        && let Err(e) = reactor.ring().set_worker_cores(&workers)
+                    {
+                        tracing::debug!(core, error = %e, "io-wq worker affinity not set");
+                    }
                     let _ = tx.send(Ok(reactor.handle()));
                     tracing::debug!(core, id = reactor.id(), "reactor running");
                     reactor.run();

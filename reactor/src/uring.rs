@@ -271,6 +271,20 @@ pub struct Ring {
 }
 
 impl Ring {
+    /// Lets the kernel's io-wq workers of this ring (the threads that run
+    /// requests it cannot complete inline, such as buffered I/O on some
+    /// file systems) run on `cores`. They inherit the reactor's pinning
+    /// otherwise and would share its one core.
+    pub fn set_worker_cores(&self, cores: &[usize]) -> io::Result<()> {
+        // SAFETY: cpu_set_t is plain data; all zero bits is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cores.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            // SAFETY: `c` is below CPU_SETSIZE, inside the set's bits.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        self.inner.borrow().ring.submitter().register_iowq_aff(&set)
+    }
+
     /// Sets up a ring with `entries` submission slots (completion queue twice that).
     pub fn new(entries: u32) -> io::Result<Ring> {
         let ring = IoUring::builder()

@@ -39,6 +39,11 @@ pub struct FileBdev {
     is_block_device: bool,
     /// Cleared after the file system refused FALLOC_FL_ZERO_RANGE once.
     zero_range_ok: AtomicBool,
+    /// The last data extent SEEK_DATA/SEEK_HOLE found, `[start, end)`:
+    /// finding a hole scans the whole extent on some file systems (tmpfs),
+    /// so a copy walking a large file asks once, not once per chunk.
+    /// Writes only add data; discards and zeroing forget it.
+    data_extent: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>, BdevError> {
@@ -66,7 +71,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     } else {
         meta.len()
     };
-    let (file, direct, block_size) = choose_direct(&path, file, read_only, common.direct, size)?;
+    let (file, direct, block_size) = choose_direct(&path, file, read_only, common.direct)?;
     let fd: OwnedFd = file.into();
     Ok(Arc::new(FileBdev {
         path,
@@ -78,6 +83,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         no_flush: common.no_flush,
         is_block_device,
         zero_range_ok: AtomicBool::new(true),
+        data_extent: std::sync::Mutex::new(None),
     }))
 }
 
@@ -107,14 +113,11 @@ fn open_file(path: &str, read_only: bool, auto_read_only: bool) -> Result<(File,
 }
 
 /// Reopens with O_DIRECT when wanted and possible; returns the file, whether
-/// O_DIRECT is on, and the request alignment.
-fn choose_direct(
-    path: &str,
-    file: File,
-    read_only: bool,
-    mode: DirectMode,
-    size: u64,
-) -> Result<(File, bool, u32), BdevError> {
+/// O_DIRECT is on, and the request alignment. A size that is not a multiple
+/// of the alignment is fine: a read of the last block comes back short (the
+/// rest reads as zeroes) and a write of it extends the file, as QEMU's
+/// images expect.
+fn choose_direct(path: &str, file: File, read_only: bool, mode: DirectMode) -> Result<(File, bool, u32), BdevError> {
     if mode == DirectMode::Off {
         return Ok((file, false, 1));
     }
@@ -124,10 +127,7 @@ fn choose_direct(
         Err(_) => None,
     };
     match (direct, mode) {
-        (Some((f, align)), _) if size.is_multiple_of(u64::from(align)) => Ok((f, true, align)),
-        (Some((_, align)), DirectMode::On) => Err(BdevError::Unsupported(format!(
-            "cache.direct=on needs the size of '{path}' ({size}) to be a multiple of its direct I/O alignment ({align})"
-        ))),
+        (Some((f, align)), _) => Ok((f, true, align)),
         (None, DirectMode::On) => {
             Err(BdevError::Unsupported(format!("'{path}' does not support O_DIRECT (cache.direct=on)")))
         }
@@ -153,15 +153,33 @@ impl FileBdev {
         &self.path
     }
 
+    /// Forgets the cached data extent if `[offset, offset + len)` touches
+    /// it (a hole may be punched there).
+    pub(crate) fn forget_extent(&self, offset: u64, len: u64) {
+        let mut ext = self.data_extent.lock().unwrap_or_else(|e| e.into_inner());
+        if ext.is_some_and(|(a, b)| offset < b && a < offset + len) {
+            *ext = None;
+        }
+    }
+
     /// Data or hole at `offset`, by SEEK_DATA / SEEK_HOLE. Quick metadata
     /// calls, made inline: the file systems we serve answer them from memory.
     fn seek_status(&self, offset: u64, len: u64) -> Result<BlockStatus, IoError> {
         let fd = self.fd.as_fd();
         let end = offset + len;
+        if let Some((a, b)) = *self.data_extent.lock().unwrap_or_else(|e| e.into_inner())
+            && a <= offset
+            && offset < b
+        {
+            return Ok(BlockStatus::data(b.min(end) - offset, Some(offset)));
+        }
         let off = offset as libc::off_t;
         match lseek(fd, off, Whence::SeekData) {
             Ok(data) if data as u64 == offset => {
                 let hole = lseek(fd, off, Whence::SeekHole).map(|h| h as u64).unwrap_or(end);
+                if hole > offset {
+                    *self.data_extent.lock().unwrap_or_else(|e| e.into_inner()) = Some((offset, hole));
+                }
                 Ok(BlockStatus::data(hole.min(end).max(offset + 1) - offset, Some(offset)))
             }
             Ok(data) => Ok(BlockStatus { offset: Some(offset), ..BlockStatus::zero((data as u64).min(end) - offset) }),

@@ -171,6 +171,9 @@ impl Channel for FileChannel {
                 None => return done.complete_later(io, Err(IoError::NotSupported)),
             },
         };
+        if matches!(io.kind, IoKind::Discard | IoKind::WriteZeroes) {
+            self.bdev.forget_extent(io.offset, io.len);
+        }
         let data = if stage == Stage::Data { io.buf.take() } else { None };
         let req = Req {
             kind: io.kind,
@@ -201,6 +204,11 @@ impl OpCallback for FileChannel {
             (r.stage, r.kind, r.flags)
         };
         let buf = op.into_buf();
+        if matches!(stage, Stage::Discard | Stage::Punch | Stage::ZeroRange) {
+            // A block-status query may have cached the extent meanwhile.
+            let r = &self.reqs.borrow()[key];
+            self.bdev.forget_extent(r.offset, r.len);
+        }
         match stage {
             Stage::Data | Stage::ZeroWrite => {
                 let buf = buf.expect("data operations return their buffer");
@@ -225,6 +233,14 @@ impl OpCallback for FileChannel {
                         (reqs[key].progress + res as u64, reqs[key].len)
                     };
                     if progress >= len {
+                        return self.finish(key, Some(buf), Ok(()));
+                    }
+                    let align = u64::from(self.bdev.block_size);
+                    if kind == IoKind::Read && !progress.is_multiple_of(align) {
+                        // A short direct read ends at the end of a file whose
+                        // size is not aligned: the rest reads as zeroes.
+                        let mut buf = buf;
+                        buf[progress as usize..].fill(0);
                         return self.finish(key, Some(buf), Ok(()));
                     }
                 }
