@@ -872,3 +872,87 @@ fn drive_mirror_creates_targets_for_each_sync_mode() {
     qemu_img(&["check", "-q", t1.to_str().unwrap()]);
     qemu_img(&["check", "-q", t3.to_str().unwrap()]);
 }
+
+#[test]
+fn a_forced_cancel_after_ready_leaves_a_consistent_target() {
+    let mut d = Daemon::start();
+    let (src, tgt) = mirror_pair(&d);
+    let mut q = Qmp::negotiated(&d.qmp);
+    exec_ok(&mut q, "blockdev-mirror", json!({"job-id": "f", "device": "src", "target": "tgt", "sync": "full"}));
+    until(&mut q, "BLOCK_JOB_READY", "f");
+    nbd_io(&d, "disk", &["write -P 0x71 3M 192k", "write -z 7M 64k"]);
+    exec_ok(&mut q, "job-cancel", json!({"id": "f"}));
+    let mut events = until(&mut q, "BLOCK_JOB_CANCELLED", "f");
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "f"));
+    events.extend(until(&mut q, "JOB_STATUS_CHANGE", "f"));
+    assert_eq!(statuses(&events, "f"), ["aborting", "concluded", "null"]);
+    // The source stays in use; the target is a copy as of the cancel.
+    assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "src");
+    d.ok("block-export-del", json!({"id": "disk"}));
+    d.shutdown();
+    qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
+}
+
+/// base ← l1 ← l2 ← top, each holding its own 1 MiB.
+fn chain4(d: &Daemon) -> [PathBuf; 4] {
+    let base = create(d, "base.qcow2", "8M", None);
+    qio(&base, &["write -P 0x10 0 8M"]);
+    let l1 = create(d, "l1.qcow2", "8M", Some(&base));
+    qio(&l1, &["write -P 0x11 1M 1M"]);
+    let l2 = create(d, "l2.qcow2", "8M", Some(&l1));
+    qio(&l2, &["write -P 0x12 2M 1M", "write -P 0x12 1536k 64k"]);
+    let top = create(d, "top.qcow2", "8M", Some(&l2));
+    qio(&top, &["write -P 0x13 3M 1M"]);
+    d.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top}}));
+    [base, l1, l2, top]
+}
+
+#[test]
+fn commit_through_a_four_layer_chain_writes_the_backing_file_name_given() {
+    let mut d = Daemon::start();
+    let [base, l1, _l2, top] = chain4(&d);
+    let mut q = Qmp::negotiated(&d.qmp);
+    // Layers opened from the headers are named by file name, as QEMU allows.
+    exec_ok(
+        &mut q,
+        "block-commit",
+        json!({"job-id": "c4", "device": "top", "top": d.path("l2.qcow2"),
+        "base": base, "backing-file": "base.qcow2"}),
+    );
+    until(&mut q, "BLOCK_JOB_COMPLETED", "c4");
+    d.shutdown();
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", top.to_str().unwrap()])).unwrap();
+    assert_eq!(info["backing-filename"], "base.qcow2", "{info}");
+    assert_eq!(backing_chain(&top), [top.to_str().unwrap(), base.to_str().unwrap()]);
+    qio(&top, &["read -P 0x10 0 1M", "read -P 0x11 1M 512k", "read -P 0x12 1536k 64k", "read -P 0x11 1600k 448k"]);
+    qio(&top, &["read -P 0x12 2M 1M", "read -P 0x13 3M 1M", "read -P 0x10 4M 4M"]);
+    qemu_img(&["check", "-q", base.to_str().unwrap()]);
+    // l1 itself was not changed.
+    qio(&l1, &["read -P 0x11 1M 1M"]);
+}
+
+#[test]
+fn a_cancelled_commit_or_stream_leaves_the_chain_as_it_was() {
+    let mut d = Daemon::start();
+    let [base, _l1, _l2, top] = chain4(&d);
+    let mut q = Qmp::negotiated(&d.qmp);
+    for (cmd, args) in [
+        (
+            "block-commit",
+            json!({"job-id": "x", "device": "top", "top": d.path("l2.qcow2"), "speed": 1, "on-error": "report"}),
+        ),
+        ("block-stream", json!({"job-id": "x", "device": "top", "speed": 1})),
+    ] {
+        exec_ok(&mut q, cmd, args);
+        exec_ok(&mut q, "job-cancel", json!({"id": "x"}));
+        let events = until(&mut q, "BLOCK_JOB_CANCELLED", "x");
+        assert!(events.iter().all(|e| e["event"] != "BLOCK_JOB_COMPLETED"), "{cmd}: {events:?}");
+        until(&mut q, "JOB_STATUS_CHANGE", "x");
+        until(&mut q, "JOB_STATUS_CHANGE", "x");
+    }
+    d.shutdown();
+    assert_eq!(backing_chain(&top).len(), 4);
+    qio(&top, &["read -P 0x10 0 1M", "read -P 0x11 1M 512k", "read -P 0x12 2M 1M", "read -P 0x13 3M 1M"]);
+    qemu_img(&["check", "-q", base.to_str().unwrap()]);
+    qemu_img(&["check", "-q", top.to_str().unwrap()]);
+}
