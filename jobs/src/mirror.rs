@@ -42,6 +42,13 @@ use crate::ratelimit::SLICE;
 
 /// Copy operations in flight at most.
 pub const OPS_MAX: usize = 16;
+/// Bytes in flight at most while clients are doing I/O, and the largest
+/// operation then: a few medium requests queue ahead of a client's, not
+/// sixteen large ones.
+pub const BUSY_BUF_BYTES: u64 = 1 << 20;
+pub const BUSY_OP_BYTES: u64 = 256 << 10;
+/// How recently a client request makes the source busy.
+const BUSY_WINDOW: Duration = Duration::from_millis(50);
 /// Default bytes in flight (`buf-size`).
 pub const BUF_SIZE_DEFAULT: u64 = 16 << 20;
 /// Smallest and largest granularity.
@@ -141,6 +148,8 @@ struct MirrorShared {
     op_bytes: Cell<u64>,
     /// The job sleeps waiting for a change.
     job_waiting: Cell<bool>,
+    /// Client requests seen (the job yields to clients while they come).
+    client_requests: Cell<u64>,
     /// A copy failed under policy `report`: the job ends with this.
     failed: RefCell<Option<String>>,
     on_source_error: OnError,
@@ -163,6 +172,7 @@ impl MirrorShared {
     }
 
     fn route(&self, io: Io, done: Done) {
+        self.client_requests.set(self.client_requests.get() + 1);
         match self.phase.get() {
             Phase::ToTarget => self.target.raw().submit(io, done),
             Phase::ToSource => self.source.raw().submit(io, done),
@@ -324,11 +334,21 @@ impl Channel for MirrorTopChannel {
     }
 }
 
-/// The default granularity: the target's cluster size within [4 KiB, 64 KiB].
-fn default_granularity(target: &Node) -> u64 {
-    let cluster =
-        target.bdev().info().format_specific.and_then(|f| f["data"]["cluster-size"].as_u64()).unwrap_or(64 << 10);
-    cluster.clamp(4 << 10, 64 << 10)
+/// Bits a default-granularity dirty bitmap has at most (16 MiB of bitmap).
+const DEFAULT_BITMAP_BITS_MAX: u64 = 1 << 27;
+
+/// The default granularity: 4 KiB, coarser only for disks whose bitmap
+/// would pass [`DEFAULT_BITMAP_BITS_MAX`]. QEMU uses the target's cluster
+/// size (often 64 KiB); a finer bitmap makes a 4 KiB client write dirty
+/// 4 KiB instead of 64, which is what lets a mirror converge under random
+/// writes, and costs nothing in copy efficiency: contiguous dirty chunks
+/// are copied together.
+fn default_granularity(source: &Node) -> u64 {
+    let mut g = 4u64 << 10;
+    while source.size().div_ceil(g) > DEFAULT_BITMAP_BITS_MAX {
+        g <<= 1;
+    }
+    g
 }
 
 /// The nodes of `node`'s backing chain below it.
@@ -367,7 +387,7 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
             source.name()
         )));
     }
-    let granularity = cfg.granularity.unwrap_or_else(|| default_granularity(target));
+    let granularity = cfg.granularity.unwrap_or_else(|| default_granularity(source));
     if !granularity.is_power_of_two() {
         return Err(invalid("Parameter 'granularity' expects a power of 2".into()));
     }
@@ -420,6 +440,7 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
             ops: Cell::new(0),
             op_bytes: Cell::new(0),
             job_waiting: Cell::new(false),
+            client_requests: Cell::new(0),
             failed: RefCell::new(None),
             on_source_error,
             on_target_error,
@@ -571,8 +592,19 @@ async fn run(shared: Rc<MirrorShared>, ctx: JobCtx, sync: SyncMode, buf_size: u6
     let max_op = (buf_size / OPS_MAX as u64).max(1 << 20).next_multiple_of(g);
     let mut cursor = 0u64;
     let mut ready = false;
+    let (mut seen, mut last_client) = (shared.client_requests.get(), std::time::Instant::now() - BUSY_WINDOW);
     loop {
         ctx.pause_point().await;
+        // Clients active lately: copy with less in flight, so their
+        // requests do not queue behind the job's.
+        let now = std::time::Instant::now();
+        if shared.client_requests.get() != seen {
+            seen = shared.client_requests.get();
+            last_client = now;
+        }
+        let busy = now.duration_since(last_client) < BUSY_WINDOW;
+        let (buf_now, op_now) =
+            if busy { (BUSY_BUF_BYTES.min(buf_size), BUSY_OP_BYTES.min(max_op).max(g)) } else { (buf_size, max_op) };
         let failed = shared.failed.borrow().clone();
         let (cancelled, finish) = {
             let st = ctx.shared().lock();
@@ -588,11 +620,11 @@ async fn run(shared: Rc<MirrorShared>, ctx: JobCtx, sync: SyncMode, buf_size: u6
         let ops = shared.ops.get();
         if dirty > 0
             && ops < OPS_MAX
-            && shared.op_bytes.get() < buf_size
+            && shared.op_bytes.get() < buf_now
             && let Some(c) = next_chunk(&shared, cursor)
         {
             let copied;
-            (cursor, copied) = iterate(&shared, &ctx, c, max_op, buf_size).await;
+            (cursor, copied) = iterate(&shared, &ctx, c, op_now, buf_now).await;
             ctx.rate_limit(copied).await;
             continue;
         }

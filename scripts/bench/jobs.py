@@ -240,7 +240,7 @@ async def fio_guest(d, seconds):
     }
 
 
-async def live(kind, args, dirp, speed):
+async def live(kind, args, dirp, speed, mode, seconds):
     """A fio guest on the exported source, then the same guest during a mirror."""
     d = Daemon(kind, dirp, args.spindle, args.direct)
     await d.connect()
@@ -251,9 +251,9 @@ async def live(kind, args, dirp, speed):
         before = await fio_guest(d, args.live_seconds)
         t_ready = None
         with d.qmp.listener() as events:
-            guest = asyncio.ensure_future(fio_guest(d, args.live_seconds))
+            guest = asyncio.ensure_future(fio_guest(d, seconds))
             t0 = time.monotonic()
-            job = {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}
+            job = {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "copy-mode": mode}
             if speed:
                 job["speed"] = speed
             await d.qmp.execute("blockdev-mirror", job)
@@ -263,7 +263,7 @@ async def live(kind, args, dirp, speed):
                     if ev["event"] == "BLOCK_JOB_READY":
                         return time.monotonic() - t0
             try:
-                t_ready = await asyncio.wait_for(ready(), timeout=args.live_seconds + 5)
+                t_ready = await asyncio.wait_for(ready(), timeout=seconds)
             except asyncio.TimeoutError:
                 t_ready = None
             during = await guest
@@ -328,26 +328,28 @@ async def main():
 
         if not only or any("live" in o for o in only):
             size = 2 * GIB // args.scale
-            for speed in (0, 100 * MIB):
+            for speed, mode in ((0, "background"), (100 * MIB, "background"), (100 * MIB, "write-blocking")):
+                # Long enough for a limited job to copy the disk once and then some.
+                seconds = args.live_seconds if not speed else max(args.live_seconds, int(size / speed * 1.5) + 5)
                 golden = os.path.join(root, "golden")
                 os.makedirs(golden)
                 qemu_img_create(f"{golden}/src.qcow2", size)
                 fill(f"{golden}/src.qcow2", "qcow2", [(0, size)])
                 qemu_img_create(f"{golden}/tgt.qcow2", size)
-                label = f"live mirror, speed {'unlimited' if not speed else f'{speed // MIB} MiB/s'}"
-                print(f"\n{label} (fio nbd 4k randrw 70/30 QD16, {args.live_seconds} s before and during)")
+                label = f"live mirror, {mode}, speed {'unlimited' if not speed else f'{speed // MIB} MiB/s'}"
+                print(f"\n{label} (fio nbd 4k randrw 70/30 QD16, {args.live_seconds} s before, {seconds} s during)")
                 for kind in ("spindle", "qsd"):
                     work = os.path.join(root, kind)
                     shutil.copytree(golden, work)
-                    before, during, t_ready = await live(kind, args, work, speed)
+                    before, during, t_ready = await live(kind, args, work, speed, mode, seconds)
                     shutil.rmtree(work)
-                    ready = f"{t_ready:.2f} s" if t_ready is not None else f"not within {args.live_seconds} s"
+                    ready = f"{t_ready:.2f} s" if t_ready is not None else f"not within {seconds} s"
                     print(f"  {kind:<8} before: {before['iops']:8.0f} IOPS  read p50/p99/p99.9 "
                           f"{'/'.join(f'{x:.0f}' for x in before['read'])} us  write p99 {before['write'][1]:.0f} us")
                     print(f"  {'':<8} during: {during['iops']:8.0f} IOPS  read p50/p99/p99.9 "
                           f"{'/'.join(f'{x:.0f}' for x in during['read'])} us  write p99 {during['write'][1]:.0f} us"
                           f"  READY after {ready}", flush=True)
-                    results["live"].append({"kind": kind, "speed": speed, "before": before, "during": during,
+                    results["live"].append({"kind": kind, "speed": speed, "mode": mode, "before": before, "during": during,
                                             "ready_s": t_ready})
                 shutil.rmtree(golden)
     finally:
