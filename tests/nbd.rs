@@ -651,3 +651,32 @@ fn the_nbd_driver_fails_cleanly_and_reconnects() {
     d.ok("blockdev-del", json!({"node-name": "r0"}));
     d.ok("query-version", Value::Null);
 }
+
+#[test]
+fn connections_to_a_qcow2_export_are_served_on_the_image_home_reactor() {
+    let d = Daemon::start_with(&["--cpumask", "0x3", "--no-pin"]);
+    start_server(&d);
+    let q = qcow2(&d, "home.qcow2", "8M");
+    d.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": q}}));
+    export(&d, "q", "q", true);
+    let msgs = |d: &Daemon| {
+        let r = d.ok("framework_get_reactors", json!({}));
+        r["reactors"].as_array().unwrap().iter().map(|x| x["msgs"].as_u64().unwrap()).collect::<Vec<_>>()
+    };
+    let cmds: Vec<String> = (0..500).map(|i| format!("read {} 4k", (i % 2048) * 4096)).collect();
+    // Connections are accepted round-robin over the reactors; each one must
+    // still not send its requests across reactors one by one.
+    for _ in 0..2 {
+        let before = msgs(&d);
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in &cmds {
+            c.args(["-c", cmd]);
+        }
+        run(c.arg(uri(&d, "q")));
+        let after = msgs(&d);
+        let crossed: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+        assert!(crossed < 200, "500 reads sent {crossed} messages between reactors");
+    }
+    d.stop();
+}

@@ -40,6 +40,12 @@ pub trait Bdev: Send + Sync + 'static {
     /// Facts for `query-named-block-nodes`.
     fn info(&self) -> BdevInfo;
 
+    /// The reactor this device's state lives on, if it has one (format
+    /// drivers, filters): users do best to submit there.
+    fn home(&self) -> Option<reactor::Handle> {
+        None
+    }
+
     /// Reads what this layer does not hold from `backing` from now on and
     /// records `name` and `format` in the image (QEMU's change of backing
     /// file). Runs on the control thread; [`crate::Graph::change_backing`]

@@ -143,6 +143,11 @@ impl Node {
         self.common.read_only || self.bdev.read_only()
     }
 
+    /// The reactor requests to this node are best submitted on (see [`Bdev::home`]).
+    pub fn home(&self) -> Option<Handle> {
+        self.bdev.home()
+    }
+
     pub fn is_implicit(&self) -> bool {
         self.implicit
     }

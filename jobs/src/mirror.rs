@@ -310,6 +310,10 @@ impl Bdev for MirrorTopBdev {
         Ok(Rc::new(ForwardChannel::new(self.home.clone(), resolve)))
     }
 
+    fn home(&self) -> Option<Handle> {
+        Some(self.home.clone())
+    }
+
     fn info(&self) -> BdevInfo {
         BdevInfo { format_specific: None, ..self.source.bdev().info() }
     }

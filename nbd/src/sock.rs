@@ -24,6 +24,14 @@ fn result(res: i32) -> io::Result<usize> {
     if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) }
 }
 
+/// A [`Sock`] on its way to another reactor.
+pub struct SockParts {
+    fd: SharedFd,
+    rbuf: Option<IoBuf>,
+    rstart: usize,
+    rend: usize,
+}
+
 impl Sock {
     /// Must be created on the reactor that will use it.
     pub fn new(fd: SharedFd) -> Sock {
@@ -32,6 +40,17 @@ impl Sock {
 
     pub fn fd(&self) -> &SharedFd {
         &self.fd
+    }
+
+    /// Takes the socket apart to move it to another reactor: the fd and
+    /// the bytes received but not consumed yet.
+    pub fn into_parts(self) -> SockParts {
+        SockParts { fd: self.fd, rbuf: self.rbuf, rstart: self.rstart, rend: self.rend }
+    }
+
+    /// Rebuilds a socket on the current reactor.
+    pub fn from_parts(p: SockParts) -> Sock {
+        Sock { fd: p.fd, ring: Rc::clone(reactor::current().ring()), rbuf: p.rbuf, rstart: p.rstart, rend: p.rend }
     }
 
     /// Bytes received and not consumed yet.

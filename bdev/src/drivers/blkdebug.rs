@@ -377,6 +377,10 @@ impl Bdev for BlkdebugBdev {
         Ok(Rc::new(BlkdebugChannel { image, rules: Arc::clone(&self.rules) }))
     }
 
+    fn home(&self) -> Option<reactor::Handle> {
+        self.image.home()
+    }
+
     fn info(&self) -> BdevInfo {
         let child = self.image.bdev().info();
         // QEMU's names: `blkdebug::FILE`, or a JSON description when the

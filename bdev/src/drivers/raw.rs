@@ -67,6 +67,10 @@ impl Bdev for RawBdev {
         Ok(Rc::new_cyclic(|me| RawChannel { file, offset, me: me.clone(), pending: RefCell::new(Slab::new()) }))
     }
 
+    fn home(&self) -> Option<reactor::Handle> {
+        self.file.home()
+    }
+
     fn info(&self) -> BdevInfo {
         let child = self.file.bdev().info();
         BdevInfo { format_specific: None, ..child }

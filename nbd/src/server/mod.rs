@@ -322,6 +322,22 @@ async fn serve_connection(fd: SharedFd, guard: ConnGuard) {
     };
     guard.set_export(&session.export.name);
     tracing::debug!(conn = guard.id, export = %session.export.name, "NBD client connected");
+    // Requests are served where the exported node lives: a format driver's
+    // state is on its home reactor, and serving elsewhere would send every
+    // request there and back.
+    if let Some(home) = session.export.backend.root().home()
+        && !home.is_current()
+    {
+        let parts = sock.into_parts();
+        home.send(move || {
+            reactor::spawn_local(transmit_phase(crate::sock::Sock::from_parts(parts), session, guard));
+        });
+        return;
+    }
+    transmit_phase(sock, session, guard).await;
+}
+
+async fn transmit_phase(sock: crate::sock::Sock, session: negotiate::Session, guard: ConnGuard) {
     if let Err(e) = transmit::serve(sock, session).await {
         tracing::debug!(conn = guard.id, error = %e, "NBD connection ended");
     }

@@ -362,6 +362,10 @@ impl Bdev for Qcow2Bdev {
         BdevInfo { format_specific: Some(self.format_specific.clone()), actual_size: file.actual_size, ..file }
     }
 
+    fn home(&self) -> Option<Handle> {
+        Some(self.home.clone())
+    }
+
     fn change_backing(
         &self,
         backing: Option<&Arc<Node>>,
