@@ -284,6 +284,7 @@ async def main():
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--only", default="")
     ap.add_argument("--live-seconds", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=1, help="runs per job and daemon; the median is shown")
     ap.add_argument("--spindle", default="target/release/spindle")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -306,16 +307,23 @@ async def main():
             os.makedirs(golden)
             setup(golden)
             row = {"job": name}
-            for kind in ("spindle", "qsd"):
-                work = os.path.join(root, kind)
-                shutil.copytree(golden, work)
-                d = Daemon(kind, work, args.spindle, args.direct)
-                await d.connect()
-                try:
-                    row[kind] = await run(d, work)
-                finally:
-                    await d.stop()
-                shutil.rmtree(work)
+            samples = {"spindle": [], "qsd": []}
+            # Alternate the daemons so drifts of the machine hit both alike.
+            for _ in range(args.runs):
+                for kind in ("spindle", "qsd"):
+                    work = os.path.join(root, kind)
+                    shutil.copytree(golden, work)
+                    d = Daemon(kind, work, args.spindle, args.direct)
+                    await d.connect()
+                    try:
+                        samples[kind].append(await run(d, work))
+                    finally:
+                        await d.stop()
+                    shutil.rmtree(work)
+            for kind, runs in samples.items():
+                runs.sort(key=lambda r: r[0])
+                row[kind] = runs[len(runs) // 2]
+                row[kind + "_walls"] = [r[0] for r in runs]
             shutil.rmtree(golden)
             (ws, bs, _), (wq, _, _) = row["spindle"], row["qsd"]
             # Same images, same work: the ratio is of wall times (the

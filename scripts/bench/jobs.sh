@@ -3,7 +3,7 @@
 # one run: mirror (qcow2 and raw, 2 GiB), active and intermediate commit
 # (1 GiB), stream (2 GiB), a sparse mirror (20 GiB virtual, 200 MiB data),
 # the file system's copy limit (fio), and a live mirror under a fio guest.
-# Usage: scripts/bench/jobs.sh [disk|tmpfs|both] [extra jobs.py options]
+# Usage: scripts/bench/jobs.sh [disk|tmpfs|both] [extra jobs.py options, e.g. --runs 3]
 #   disk:  images under target/ with O_DIRECT;  tmpfs: images in /dev/shm
 set -euo pipefail
 cd "$(dirname "$0")/../.."
