@@ -680,3 +680,31 @@ fn connections_to_a_qcow2_export_are_served_on_the_image_home_reactor() {
     }
     d.stop();
 }
+
+#[test]
+fn a_mirror_reaches_another_host_through_the_nbd_driver() {
+    let mut d = Daemon::start();
+    let src = qcow2(&d, "src.qcow2", "16M");
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x6e 0 12M", "-c", "write -z 12M 1M"]).arg(&src));
+    let tgt = d.path("remote.raw");
+    sparse_file(&tgt, 16 << 20);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xff 12M 4M"]).arg(&tgt));
+    let sock = d.path("remote.sock");
+    let server = QemuNbd::start(&tgt, "raw", &sock, &[]);
+    d.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "src", "file": {"driver": "file", "filename": src}}));
+    nbd_node(&d, "remote", &sock, json!({}));
+    let mut q = Qmp::negotiated(&d.qmp);
+    let r =
+        q.execute("blockdev-mirror", Some(json!({"job-id": "m", "device": "src", "target": "remote", "sync": "full"})));
+    assert_eq!(r["return"], json!({}), "{r}");
+    q.event("BLOCK_JOB_READY");
+    assert_eq!(q.execute("job-complete", Some(json!({"id": "m"})))["return"], json!({}));
+    let done = q.event("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    d.ok("blockdev-del", json!({"node-name": "remote"}));
+    d.ok("blockdev-del", json!({"node-name": "src"}));
+    d.shutdown();
+    drop(server);
+    // Zeroes included: what read 0xff on the remote now reads as the source does.
+    run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "raw"]).arg(&src).arg(&tgt));
+}
