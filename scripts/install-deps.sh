@@ -25,6 +25,12 @@ if ! python3 -c 'import qemu.qmp' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check 'qemu.qmp>=0.0.3' 2>&1 | grep -v 'Running pip as the' || true
 fi
 
+# Only scripts/bench/plot.py uses matplotlib; no test does.
+if ! python3 -c 'import matplotlib' >/dev/null 2>&1; then
+  echo "install-deps: pip install matplotlib"
+  python3 -m pip install --quiet --disable-pip-version-check matplotlib 2>&1 | grep -v 'Running pip as the' || true
+fi
+
 missing=()
 for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")

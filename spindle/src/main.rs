@@ -1,9 +1,11 @@
-//! `spindle`: the daemon (`serve`) and its command-line client (`rpc`).
+//! `spindle`: the daemon (`serve`), its command-line client (`rpc`) and
+//! the benchmark (`perf`).
 
 #![forbid(unsafe_code)]
 
 mod client;
 mod keyval;
+mod perf;
 mod serve;
 
 use std::process::ExitCode;
@@ -23,6 +25,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Send one command to a running daemon and print the answer.
     Rpc(client::RpcArgs),
+    /// Measure a node's latency and throughput, bdevperf style (in this process or in a daemon).
+    Perf(perf::PerfArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,5 +34,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Rpc(args) => client::run(args),
+        Command::Perf(args) => perf::run(args),
     }
 }
