@@ -2,6 +2,7 @@
 //! [`OpenFn`](crate::graph::OpenFn) registered by name.
 
 pub mod blkdebug;
+pub mod delay;
 pub mod file;
 pub mod malloc;
 pub mod null;
@@ -18,4 +19,5 @@ pub(crate) fn register_builtin(graph: &mut Graph) {
     graph.register_driver("raw", raw::open);
     graph.register_driver("qcow2", qcow2::open);
     graph.register_driver("blkdebug", blkdebug::open);
+    graph.register_driver("delay", delay::open);
 }
