@@ -249,6 +249,11 @@ impl MemRegion {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
+        // Huge pages where the kernel offers them (transparent huge pages in
+        // `madvise` mode): a RAM disk read then costs no TLB miss per 4 KiB.
+        // Advice only; without it the region works the same.
+        // SAFETY: the range is the mapping just made.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
         Ok(MemRegion { ptr, len })
     }
