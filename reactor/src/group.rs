@@ -58,6 +58,9 @@ impl Reactors {
                     {
                         tracing::debug!(core, error = %e, "io-wq worker affinity not set");
                     }
+                    if let Err(e) = reactor.ring().set_max_workers(workers.len().max(1) as u32) {
+                        tracing::debug!(core, error = %e, "io-wq worker limit not set");
+                    }
                     let _ = tx.send(Ok(reactor.handle()));
                     tracing::debug!(core, id = reactor.id(), "reactor running");
                     reactor.run();

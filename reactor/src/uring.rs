@@ -240,6 +240,9 @@ enum Waiter {
 struct Inflight {
     op: Op,
     waiter: Waiter,
+    /// Straight to the kernel's worker pool (IOSQE_ASYNC), see
+    /// [`Ring::submit_punted_with`].
+    punt: bool,
 }
 
 struct RingInner {
@@ -285,6 +288,16 @@ impl Ring {
         self.inner.borrow().ring.submitter().register_iowq_aff(&set)
     }
 
+    /// Caps the kernel workers that run this thread's bounded requests
+    /// (regular files) at `bounded`: work submitted with
+    /// [`Ring::submit_punted_with`] starts a worker per waiting request
+    /// otherwise, up to four per CPU, which only crowd the reactors.
+    pub fn set_max_workers(&self, bounded: u32) -> io::Result<()> {
+        // [bounded, unbounded]; 0 leaves a limit as it is.
+        let mut max = [bounded.max(1), 0];
+        self.inner.borrow().ring.submitter().register_iowq_max_workers(&mut max)
+    }
+
     /// Sets up a ring with `entries` submission slots (completion queue twice that).
     pub fn new(entries: u32) -> io::Result<Ring> {
         let ring = IoUring::builder()
@@ -317,19 +330,29 @@ impl Ring {
 
     /// Submits `op`; `cb.op_done(tag, ..)` runs on this reactor once it completes.
     pub fn submit_with(&self, op: Op, cb: Rc<dyn OpCallback>, tag: u64) {
-        self.queue(op, Waiter::Callback(cb, tag));
+        self.queue(op, Waiter::Callback(cb, tag), false);
+    }
+
+    /// As [`Ring::submit_with`], but the kernel runs the operation in its
+    /// worker pool without first trying it inline (IOSQE_ASYNC). For files
+    /// the kernel cannot do without blocking (tmpfs has no non-blocking
+    /// path): it would punt them anyway, but only work marked this way
+    /// makes it start another worker while one is busy — otherwise every
+    /// copy of the ring runs on a single worker, one after another.
+    pub fn submit_punted_with(&self, op: Op, cb: Rc<dyn OpCallback>, tag: u64) {
+        self.queue(op, Waiter::Callback(cb, tag), true);
     }
 
     /// Submits `op` and returns a future for its completion.
     pub fn submit(self: &Rc<Self>, op: Op) -> OpFuture {
-        let key = self.queue(op, Waiter::Future(None));
+        let key = self.queue(op, Waiter::Future(None), false);
         OpFuture { ring: Rc::clone(self), key, done: false }
     }
 
-    fn queue(&self, op: Op, waiter: Waiter) -> usize {
+    fn queue(&self, op: Op, waiter: Waiter, punt: bool) -> usize {
         op.check();
         let mut inner = self.inner.borrow_mut();
-        let key = inner.inflight.insert(Inflight { op, waiter });
+        let key = inner.inflight.insert(Inflight { op, waiter, punt });
         inner.push(key);
         key
     }
@@ -358,7 +381,7 @@ impl Ring {
         }
         inner.wakeup_armed = true;
         let op = Op::Read { fd: Arc::clone(eventfd), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 };
-        let key = inner.inflight.insert(Inflight { op, waiter: Waiter::Wakeup });
+        let key = inner.inflight.insert(Inflight { op, waiter: Waiter::Wakeup, punt: false });
         inner.push(key);
     }
 
@@ -470,7 +493,11 @@ impl RingInner {
     }
 
     fn try_push(&mut self, key: usize) -> bool {
-        let entry = self.inflight[key].op.entry().user_data(key as u64);
+        let inflight = &mut self.inflight[key];
+        let mut entry = inflight.op.entry().user_data(key as u64);
+        if inflight.punt {
+            entry = entry.flags(squeue::Flags::ASYNC);
+        }
         // Test: uring_tests::abandoned_read_keeps_buffer_until_completion.
         // SAFETY: the SQE points only into resources owned by the Op at `key`
         // in the in-flight slab, kept there until its CQE is reaped.

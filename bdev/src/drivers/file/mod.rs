@@ -37,6 +37,11 @@ pub struct FileBdev {
     read_only: bool,
     no_flush: bool,
     is_block_device: bool,
+    /// Reads and writes go straight to the kernel's worker pool: the file
+    /// is buffered on a file system with no non-blocking path (tmpfs), so
+    /// the kernel would punt them anyway — marked, they spread over
+    /// several workers instead of queueing behind one.
+    punt: bool,
     /// Cleared after the file system refused FALLOC_FL_ZERO_RANGE once.
     zero_range_ok: AtomicBool,
     /// The last data extent SEEK_DATA/SEEK_HOLE found, `[start, end)`:
@@ -72,6 +77,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         meta.len()
     };
     let (file, direct, block_size) = choose_direct(&path, file, read_only, common.direct)?;
+    let punt = !is_block_device && on_tmpfs(&file);
     let fd: OwnedFd = file.into();
     Ok(Arc::new(FileBdev {
         path,
@@ -82,9 +88,15 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         read_only,
         no_flush: common.no_flush,
         is_block_device,
+        punt,
         zero_range_ok: AtomicBool::new(true),
         data_extent: std::sync::Mutex::new(None),
     }))
+}
+
+/// True when the file lives on tmpfs (or another shared-memory file system).
+fn on_tmpfs(file: &File) -> bool {
+    nix::sys::statfs::fstatfs(file).is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
 fn open_with(path: &str, write: bool, direct: bool) -> std::io::Result<File> {
@@ -118,7 +130,9 @@ fn open_file(path: &str, read_only: bool, auto_read_only: bool) -> Result<(File,
 /// rest reads as zeroes) and a write of it extends the file, as QEMU's
 /// images expect.
 fn choose_direct(path: &str, file: File, read_only: bool, mode: DirectMode) -> Result<(File, bool, u32), BdevError> {
-    if mode == DirectMode::Off {
+    // tmpfs accepts O_DIRECT, but its data lives in the page cache either
+    // way: O_DIRECT only adds alignment rules and a slower kernel path.
+    if mode == DirectMode::Off || (mode == DirectMode::Auto && on_tmpfs(&file)) {
         return Ok((file, false, 1));
     }
     let probe = open_with(path, !read_only, true).map_err(|e| e.raw_os_error());

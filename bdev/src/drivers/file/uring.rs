@@ -72,7 +72,11 @@ impl FileChannel {
     }
 
     fn issue(&self, key: usize, op: Op) {
-        self.ring.submit_with(op, self.callback(), key as u64);
+        if self.bdev.punt && matches!(op, Op::Read { .. }) {
+            self.ring.submit_punted_with(op, self.callback(), key as u64);
+        } else {
+            self.ring.submit_with(op, self.callback(), key as u64);
+        }
     }
 
     /// The operation for the current stage of request `key`, given the data
