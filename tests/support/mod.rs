@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod nbd_client;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
