@@ -37,6 +37,10 @@ pub type OverflowHook = Box<dyn Fn() + Send + Sync>;
 struct Subscriber {
     tx: Sender<Arc<Event>>,
     overflowed: Arc<AtomicBool>,
+    /// Set when the [`Subscription`] is dropped (its client left).
+    gone: Arc<AtomicBool>,
+    /// Owns what the subscriber's owner handed over (a connection's socket):
+    /// dropped with the entry, so a departed client holds nothing here.
     on_overflow: Option<OverflowHook>,
 }
 
@@ -50,6 +54,13 @@ pub struct EventBus {
 pub struct Subscription {
     pub rx: Receiver<Arc<Event>>,
     overflowed: Arc<AtomicBool>,
+    gone: Arc<AtomicBool>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::Release);
+    }
 }
 
 impl Subscription {
@@ -77,8 +88,14 @@ impl EventBus {
     fn subscribe_inner(&self, on_overflow: Option<OverflowHook>) -> Subscription {
         let (tx, rx) = bounded(EVENT_QUEUE_MAX);
         let overflowed = Arc::new(AtomicBool::new(false));
-        self.lock().push(Subscriber { tx, overflowed: Arc::clone(&overflowed), on_overflow });
-        Subscription { rx, overflowed }
+        let gone = Arc::new(AtomicBool::new(false));
+        let mut subs = self.lock();
+        // Entries of departed subscribers go now, not at the next event: a
+        // daemon that emits none would otherwise keep every connection's
+        // socket and queue it ever had.
+        subs.retain(|s| !s.gone.load(Ordering::Acquire));
+        subs.push(Subscriber { tx, overflowed: Arc::clone(&overflowed), gone: Arc::clone(&gone), on_overflow });
+        Subscription { rx, overflowed, gone }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {
@@ -89,30 +106,48 @@ impl EventBus {
     pub fn emit(&self, name: &str, data: Value) {
         let event = Arc::new(Event { name: name.to_string(), data, timestamp: SystemTime::now() });
         tracing::debug!(event = name, "event");
-        self.lock().retain(|s| match s.tx.try_send(Arc::clone(&event)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                if !s.overflowed.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(event = name, "a client is not reading its events; dropping it");
-                    if let Some(hook) = &s.on_overflow {
-                        hook();
+        self.lock().retain(|s| {
+            !s.gone.load(Ordering::Acquire)
+                && match s.tx.try_send(Arc::clone(&event)) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => {
+                        if !s.overflowed.swap(true, Ordering::AcqRel) {
+                            tracing::warn!(event = name, "a client is not reading its events; dropping it");
+                            if let Some(hook) = &s.on_overflow {
+                                hook();
+                            }
+                        }
+                        false
                     }
+                    Err(TrySendError::Disconnected(_)) => false,
                 }
-                false
-            }
-            Err(TrySendError::Disconnected(_)) => false,
         });
     }
 
     /// Live subscribers.
     pub fn subscribers(&self) -> usize {
-        self.lock().len()
+        self.lock().iter().filter(|s| !s.gone.load(Ordering::Acquire)).count()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn departed_subscribers_are_forgotten_without_an_event() {
+        let bus = EventBus::new();
+        let owned = Arc::new(());
+        let held = Arc::clone(&owned);
+        let a = bus.subscribe_with_hook(Box::new(move || drop(Arc::clone(&held))));
+        assert_eq!(Arc::strong_count(&owned), 2);
+        drop(a);
+        assert_eq!(bus.subscribers(), 0);
+        // The next subscriber prunes the entry and what its hook owned.
+        let _b = bus.subscribe();
+        assert_eq!(Arc::strong_count(&owned), 1);
+        assert_eq!(bus.lock().len(), 1);
+    }
 
     #[test]
     fn fan_out_in_order() {

@@ -43,6 +43,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default cap on connections per socket.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 64;
+/// With every slot taken, a connection that has not sent a byte for this
+/// long gives its slot to a new one: silent clients cannot lock the
+/// control plane.
+const SILENT_EVICT_AFTER: Duration = Duration::from_secs(10);
 
 /// Which protocol a socket speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +106,10 @@ struct Conn {
     stream: UnixStream,
     reader: Option<JoinHandle<()>>,
     writer: Option<JoinHandle<()>>,
+    proto: Proto,
+    since: std::time::Instant,
+    /// The client has sent something.
+    spoke: Arc<AtomicBool>,
 }
 
 struct Shared {
@@ -260,7 +268,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, proto: Proto) {
 
 fn start_connection(shared: &Arc<Shared>, stream: UnixStream, proto: Proto) {
     let active = &shared.active[proto.index()];
-    if active.fetch_add(1, Ordering::AcqRel) >= shared.connections_max {
+    if active.fetch_add(1, Ordering::AcqRel) >= shared.connections_max && !evict_silent(shared, proto) {
         active.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(?proto, max = shared.connections_max, "connection refused: too many connections");
         return;
@@ -284,14 +292,16 @@ fn start_connection(shared: &Arc<Shared>, stream: UnixStream, proto: Proto) {
             .spawn(move || writer_loop(w_stream, rx, sub, proto, &info))?;
         let r_stream = stream.try_clone()?;
         let r_shared = Arc::clone(shared);
+        let spoke = Arc::new(AtomicBool::new(false));
+        let r_spoke = Arc::clone(&spoke);
         let reader = std::thread::Builder::new().name(format!("rpc-read-{id}")).spawn(move || {
-            reader_loop(&r_stream, &tx, proto, r_shared.dispatcher.as_ref());
+            reader_loop(&r_stream, &tx, proto, r_shared.dispatcher.as_ref(), &r_spoke);
             drop(tx);
             r_shared.active[proto.index()].fetch_sub(1, Ordering::AcqRel);
             r_shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             tracing::debug!(id, "client disconnected");
         })?;
-        Ok(Conn { stream, reader: Some(reader), writer: Some(writer) })
+        Ok(Conn { stream, reader: Some(reader), writer: Some(writer), proto, since: std::time::Instant::now(), spoke })
     })();
     match started {
         Ok(conn) => {
@@ -310,7 +320,33 @@ fn line(proto: Proto, v: &Value) -> Vec<u8> {
     bytes
 }
 
-fn reader_loop(mut stream: &UnixStream, tx: &Sender<Outgoing>, proto: Proto, dispatcher: &dyn Dispatcher) {
+/// Every slot of `proto` is taken: closes the longest-connected client that
+/// has sent nothing for [`SILENT_EVICT_AFTER`], if there is one, so the new
+/// connection can have its slot (the count drops when its reader ends).
+fn evict_silent(shared: &Shared, proto: Proto) -> bool {
+    let conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+    let victim = conns
+        .iter()
+        .filter(|(_, c)| c.proto == proto && !c.spoke.load(Ordering::Acquire))
+        .filter(|(_, c)| c.since.elapsed() >= SILENT_EVICT_AFTER)
+        .min_by_key(|(_, c)| c.since);
+    let Some((id, conn)) = victim else {
+        return false;
+    };
+    tracing::warn!(?proto, id, "all connections taken: closing one that never sent anything");
+    // Marked, so the same connection is not chosen twice before it ends.
+    conn.spoke.store(true, Ordering::Release);
+    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    true
+}
+
+fn reader_loop(
+    mut stream: &UnixStream,
+    tx: &Sender<Outgoing>,
+    proto: Proto,
+    dispatcher: &dyn Dispatcher,
+    spoke: &AtomicBool,
+) {
     let mut framer = Framer::new();
     let mut session = Session::default();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
@@ -323,6 +359,7 @@ fn reader_loop(mut stream: &UnixStream, tx: &Sender<Outgoing>, proto: Proto, dis
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
+        spoke.store(true, Ordering::Release);
         let mut data = &chunk[..n];
         if skipping {
             match data.iter().position(|&b| b == b'\n') {
