@@ -83,6 +83,22 @@ fn export(d: &Daemon, id: &str, node: &str) {
     d.ok("block-export-add", json!({"type": "nbd", "id": id, "node-name": node, "name": id, "writable": true}));
 }
 
+/// Removes an export once its clients are gone. A client that has just
+/// disconnected may not have been noticed by the server yet, and a safe
+/// `block-export-del` refuses an export in use (as QEMU's does): retry.
+fn unexport(d: &Daemon, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match d.call("block-export-del", json!({"id": id})) {
+            Ok(_) => return,
+            Err(e) if e.to_string().contains("still in use") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("block-export-del {id}: {e}\n{}", d.log_text()),
+        }
+    }
+}
+
 /// The statuses of JOB_STATUS_CHANGE events for `id`, in order.
 fn statuses(events: &[Value], id: &str) -> Vec<String> {
     events
@@ -160,7 +176,7 @@ fn mirror_full_converges_pivots_an_nbd_user_and_matches_qemu_img_compare() {
     let exports = d.ok("query-block-exports", json!({}));
     assert_eq!(exports[0]["node-name"], "tgt", "{exports}");
     nbd_io(&d, "disk", &["write -P 0x55 16M 1M", "read -P 0x33 4M 1M", "read -P 0x11 0 4M"]);
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.ok("blockdev-del", json!({"node-name": "tgt"}));
     d.ok("blockdev-del", json!({"node-name": "src"}));
     qemu_img(&["check", "-q", tgt.to_str().unwrap()]);
@@ -267,7 +283,7 @@ fn active_commit_is_ready_then_pivots_the_export_to_base() {
     let root = exports[0]["node-name"].as_str().unwrap().to_string();
     assert_ne!(root, "top", "the export moved to the base: {exports}");
     nbd_io(&d, "disk", &["write -P 0x66 9M 1M", "read -P 0x33 2M 1M", "read -P 0x22 1M 1M", "read -P 0x55 8M 1M"]);
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.shutdown();
     qemu_img(&["check", "-q", base.to_str().unwrap()]);
     qio(&base, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 1M", "read -P 0x11 3M 3M"]);
@@ -352,7 +368,7 @@ fn cancelling_a_mirror_midway_keeps_the_source_in_use_and_untouched() {
     nbd_io(&d, "disk", &["write -P 0x62 9M 64k", "read -P 0x61 8M 64k", "read -P 0x5a 0 8M"]);
     // The target is free again.
     d.ok("blockdev-del", json!({"node-name": "tgt"}));
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.shutdown();
     qemu_img(&["check", "-q", src.to_str().unwrap()]);
     qemu_img(&["check", "-q", tgt.to_str().unwrap()]);
@@ -412,7 +428,7 @@ fn pause_resume_speed_and_a_soft_cancel_after_ready() {
     );
     assert!(q.events.iter().all(|e| e["event"] != "BLOCK_JOB_CANCELLED"));
     assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "src");
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.shutdown();
     // The target is a copy of the source as of the cancel.
     qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
@@ -581,7 +597,7 @@ fn on_target_error_stop_pauses_with_the_error_and_resume_retries() {
         assert_eq!(block_job(&d, "e1")["io-status"], "ok");
         exec_ok(&mut q, "job-complete", json!({"id": "e1"}));
         until(&mut q, "BLOCK_JOB_COMPLETED", "e1");
-        d.ok("block-export-del", json!({"id": "disk"}));
+        unexport(&d, "disk");
         d.shutdown();
         qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
     }
@@ -598,7 +614,7 @@ fn on_target_error_ignore_retries_and_report_fails_the_job() {
     until(&mut q, "BLOCK_JOB_READY", "e2");
     exec_ok(&mut q, "job-complete", json!({"id": "e2"}));
     until(&mut q, "BLOCK_JOB_COMPLETED", "e2");
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.shutdown();
     qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
 
@@ -760,7 +776,7 @@ fn mirrors_converge_under_a_writer_and_pivot_its_live_connection() {
         until(&mut q, "BLOCK_JOB_COMPLETED", "w");
         writer.join().unwrap();
         assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "tgt");
-        d.ok("block-export-del", json!({"id": "disk"}));
+        unexport(&d, "disk");
         d.shutdown();
         // Every write reached the target, whether before, during or after the pivot.
         let mut reads = Vec::new();
@@ -854,7 +870,7 @@ fn drive_mirror_creates_targets_for_each_sync_mode() {
     exec_ok(&mut q, "job-complete", json!({"id": "d4"}));
     until(&mut q, "BLOCK_JOB_COMPLETED", "d4");
     nbd_io(&d, "disk", &["read -P 0x33 5M 64k", "read -P 0x22 2M 1M", "read -P 0x11 0 2M"]);
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.shutdown();
 
     assert_eq!(backing_chain(&t1), [t1.to_str().unwrap(), base.to_str().unwrap()]);
@@ -888,7 +904,7 @@ fn a_forced_cancel_after_ready_leaves_a_consistent_target() {
     assert_eq!(statuses(&events, "f"), ["aborting", "concluded", "null"]);
     // The source stays in use; the target is a copy as of the cancel.
     assert_eq!(d.ok("query-block-exports", json!({}))[0]["node-name"], "src");
-    d.ok("block-export-del", json!({"id": "disk"}));
+    unexport(&d, "disk");
     d.shutdown();
     qemu_img(&["compare", "-q", src.to_str().unwrap(), tgt.to_str().unwrap()]);
 }
