@@ -25,7 +25,6 @@ use rpc::EventBus;
 use rpc::client::{Client, ClientError};
 use rpc::control::Control;
 use serde_json::{Value, json};
-use tracing_subscriber::EnvFilter;
 
 /// Node name of a `--device` that names none.
 const DEFAULT_NODE_NAME: &str = "perf0";
@@ -140,19 +139,8 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(s).map_err(|_| format!("'{text}' is not a number of seconds"))
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level '{level}': {e}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
-    Ok(())
-}
-
 pub fn run(args: PerfArgs) -> ExitCode {
-    if let Err(e) = init_logging(&args.log_level) {
+    if let Err(e) = crate::serve::init_logging(&args.log_level) {
         eprintln!("spindle perf: {e}");
         return ExitCode::from(2);
     }

@@ -71,7 +71,8 @@ pub fn server_info() -> ServerInfo {
     }
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
+/// Logs to stderr at `level` (an env-filter directive), colours on a terminal.
+pub(crate) fn init_logging(level: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level '{level}': {e}"))?;
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
