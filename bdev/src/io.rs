@@ -57,6 +57,10 @@ impl IoFlags {
     /// that write meanwhile). Honoured by formats with a backing file, in
     /// whole clusters; jobs send it to nothing else.
     pub const FILL_UNALLOCATED: IoFlags = IoFlags(8);
+    /// Write-zeroes past the end may make the file longer, preallocated
+    /// (files: FALLOC_FL_ZERO_RANGE without KEEP_SIZE). A format sends it
+    /// to grow its file ahead of its allocator; other devices ignore it.
+    pub const GROW: IoFlags = IoFlags(16);
 
     pub fn contains(self, other: IoFlags) -> bool {
         self.0 & other.0 == other.0

@@ -96,7 +96,10 @@ impl FileChannel {
             Stage::Fsync => Op::Fsync { fd, datasync: true },
             Stage::Discard => Op::Fallocate { fd, mode: PUNCH_HOLE, offset: req.offset, len: req.len },
             Stage::Punch => Op::Fallocate { fd, mode: PUNCH_HOLE, offset: req.offset, len: req.len },
-            Stage::ZeroRange => Op::Fallocate { fd, mode: ZERO_RANGE, offset: req.offset, len: req.len },
+            Stage::ZeroRange => {
+                let mode = if req.flags.contains(IoFlags::GROW) { libc::FALLOC_FL_ZERO_RANGE } else { ZERO_RANGE };
+                Op::Fallocate { fd, mode, offset: req.offset, len: req.len }
+            }
             Stage::ZeroWrite => {
                 let chunk = (req.len - at).min(ZERO_WRITE_CHUNK_BYTES) as usize;
                 let buf = buf.unwrap_or_else(|| IoBuf::zeroed(chunk));

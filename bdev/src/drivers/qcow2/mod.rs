@@ -278,7 +278,9 @@ async fn init_state(
         None => None,
     };
     let dirty = header.incompatible & incompat::DIRTY != 0;
-    let state = Qcow2::open(file_channel(file)?, file_size, header, backing, read_only, caches)
+    // Only a plain file is grown ahead of the allocator.
+    let grow = file.driver() == "file";
+    let state = Qcow2::open(file_channel(file)?, file_size, header, backing, read_only, caches, grow)
         .await
         .map_err(io_err("loading the qcow2 tables"))?;
     if !read_only {

@@ -51,6 +51,10 @@ use crate::io::{BlockStatus, Done, Io, IoDone, IoFlags, IoKind};
 
 /// Most clusters allocated for one write at once.
 const ALLOC_RUN_CLUSTERS_MAX: u64 = 512;
+/// How far ahead of the allocator the image file is grown (preallocated,
+/// reading as zeroes): data writes then land inside the file, where the
+/// file system takes them in parallel, instead of extending it one by one.
+const GROW_AHEAD_BYTES: u64 = 32 << 20;
 
 /// Fixed facts of the image.
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +116,9 @@ pub(super) struct Qcow2 {
     pending_frees: RefCell<Vec<u64>>,
     /// End of the file as far as allocation knows (bytes).
     file_end: Cell<u64>,
+    /// The file's length as grown ahead of `file_end`; 0: never grow (the
+    /// file child is not a plain file).
+    grown_to: Cell<u64>,
     caches: CacheSizes,
     /// Fast-path requests in flight: their completion and guest offset.
     fast: RefCell<Slab<(Done, u64)>>,
@@ -160,6 +167,7 @@ impl Qcow2 {
         backing: Option<Backing>,
         read_only: bool,
         caches: CacheSizes,
+        grow: bool,
     ) -> Result<Rc<Qcow2>, IoError> {
         let cs = header.cluster_size();
         let geo = Geometry {
@@ -191,6 +199,7 @@ impl Qcow2 {
             allocating: RefCell::new(HashMap::new()),
             pending_frees: RefCell::new(Vec::new()),
             file_end: Cell::new(file_size.next_multiple_of(cs)),
+            grown_to: Cell::new(if grow && !read_only { file_size } else { 0 }),
             caches,
             fast: RefCell::new(Slab::new()),
         }))
@@ -487,10 +496,34 @@ impl Qcow2 {
             }
             self.rc.borrow_mut().free_search = end;
             let end_bytes = end << self.geo.cluster_bits;
-            if end_bytes > self.file_end.get() {
+            let written_end = self.file_end.get();
+            if end_bytes > written_end {
                 self.file_end.set(end_bytes);
             }
+            self.grow_ahead(written_end, end_bytes).await;
             return Ok(start << self.geo.cluster_bits);
+        }
+    }
+
+    /// Grows the file past `end` in big preallocated steps. Only an
+    /// optimisation: where the file system cannot, data writes extend the
+    /// file themselves.
+    /// `written_end`: the end of everything placed in the file so far (the
+    /// new clusters are not written yet); nothing below it is zeroed —
+    /// metadata placed at the end of the file by other paths (a refcount
+    /// rebuild, a grown refcount table) lies there.
+    async fn grow_ahead(&self, written_end: u64, end: u64) {
+        let grown = self.grown_to.get();
+        if grown == 0 || end <= grown {
+            return;
+        }
+        let from = grown.max(written_end);
+        let to = (end + GROW_AHEAD_BYTES).next_multiple_of(GROW_AHEAD_BYTES);
+        let flags = IoFlags::GROW | IoFlags::NO_FALLBACK;
+        match self.file.write_zeroes(from, to - from, flags).await {
+            Ok(()) => self.grown_to.set(to),
+            // Not supported (or failing): stop trying.
+            Err(_) => self.grown_to.set(0),
         }
     }
 
