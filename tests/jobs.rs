@@ -1043,3 +1043,38 @@ fn source_read_errors_follow_on_source_error_and_commit_retries_with_ignore() {
     let check = Command::new("qemu-img").args(["check", "-q", base.to_str().unwrap()]).status().unwrap();
     assert!(matches!(check.code(), Some(0 | 3)), "qemu-img check: {check}");
 }
+
+/// sync=none into a new qcow2, whose backing (the source) is attached only
+/// at the pivot: client writes of part of a cluster during the job must not
+/// leave zeroes in the rest of that cluster, in either copy mode.
+#[test]
+fn sync_none_drive_mirror_keeps_the_rest_of_partly_written_clusters() {
+    for mode in ["background", "write-blocking"] {
+        let mut d = Daemon::start();
+        let img = create(&d, "src.qcow2", "4M", None);
+        qio(&img, &["write -P 0x22 0 4M"]);
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "src", "file": {"driver": "file", "filename": img}}),
+        );
+        nbd_start(&d);
+        export(&d, "disk", "src");
+        let mut q = Qmp::negotiated(&d.qmp);
+        let delta = d.path("delta.qcow2");
+        exec_ok(
+            &mut q,
+            "drive-mirror",
+            json!({"job-id": "n1", "device": "src", "target": delta, "sync": "none", "format": "qcow2",
+            "copy-mode": mode}),
+        );
+        until(&mut q, "BLOCK_JOB_READY", "n1");
+        // 4 KiB in the middle of the cluster at 1 MiB (64 KiB clusters).
+        nbd_io(&d, "disk", &["write -P 0x44 1056k 4k"]);
+        exec_ok(&mut q, "job-complete", json!({"id": "n1"}));
+        until(&mut q, "BLOCK_JOB_COMPLETED", "n1");
+        nbd_io(&d, "disk", &["read -P 0x22 1M 32k", "read -P 0x44 1056k 4k", "read -P 0x22 1060k 60k"]);
+        unexport(&d, "disk");
+        d.shutdown();
+        qio(&delta, &["read -P 0x22 1M 32k", "read -P 0x44 1056k 4k", "read -P 0x22 1060k 60k"]);
+    }
+}

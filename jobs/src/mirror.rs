@@ -234,7 +234,17 @@ impl MirrorShared {
             _ => Ok(()),
         };
         match mirrored {
-            Ok(()) => self.bitmap.borrow_mut().clear_covered(offset, len),
+            Ok(()) => {
+                // Chunks the write covers whole are in sync; one it covers
+                // in part is copied whole later, so a target that filled
+                // the rest of a cluster on its own (no backing yet) gets
+                // the source's data there.
+                let mut bm = self.bitmap.borrow_mut();
+                bm.set_range(offset, len);
+                bm.clear_covered(offset, len);
+                drop(bm);
+                self.wake_job();
+            }
             Err(e) => {
                 self.mark_dirty(offset, len);
                 self.job_error(false, e);

@@ -476,6 +476,7 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
     let target_name = target.name().to_string();
     let explicit = p.node_name.is_some();
     let format_is_qcow2 = target.driver() == "qcow2";
+    let new_overlay = sync == SyncMode::None && p.mode == NewImageMode::AbsolutePaths && format_is_qcow2;
     let (target_node, source_node) = (Arc::clone(&target), Arc::clone(&source));
     let cfg = MirrorConfig {
         job_id: id,
@@ -484,7 +485,11 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
         target,
         sync,
         speed: speed(p.speed)?,
-        granularity: p.granularity,
+        // A new qcow2 for sync=none gets the source as backing only at the
+        // pivot: until then a write of part of a cluster would fill the rest
+        // with zeroes. Dirty chunks of a whole cluster make the job copy
+        // whole clusters from the source (QEMU's default too).
+        granularity: p.granularity.or(new_overlay.then_some(CLUSTER_SIZE_CREATED)),
         buf_size: p.buf_size,
         on_source_error: p.on_source_error,
         on_target_error: p.on_target_error,
@@ -495,7 +500,7 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
         filter_node_name: None,
         extra_claims: Vec::new(),
         extra_nodes: Vec::new(),
-        on_pivot: (sync == SyncMode::None && p.mode == NewImageMode::AbsolutePaths && format_is_qcow2).then(|| {
+        on_pivot: new_overlay.then(|| {
             let (target, source) = (Arc::clone(&target_node), Arc::clone(&source_node));
             Box::new(move |g: &mut bdev::Graph| {
                 let (name, fmt) = (jobs::chain::filename(&source), format_of(&source));
@@ -516,6 +521,9 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
     }
     Ok(json!({}))
 }
+
+/// The cluster size of the qcow2 images drive-mirror creates (the default).
+const CLUSTER_SIZE_CREATED: u64 = 64 << 10;
 
 /// qcow2 when the file starts with the qcow2 magic, raw otherwise.
 fn probe(path: &std::path::Path) -> Result<&'static str, RpcError> {
