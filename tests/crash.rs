@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::Daemon;
 use support::nbd_client::NbdClient;
+use support::rng::Rng;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -64,30 +65,7 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- seeds
 
-/// splitmix64: small, seedable, good enough to pick test parameters.
-#[derive(Clone)]
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len() as u64) as usize]
-    }
     /// A delay in µs: often short, sometimes up to `max_ms`.
     fn delay_us(&mut self, max_ms: u64) -> u64 {
         match self.below(3) {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
+use support::rng::Rng;
 use support::{Daemon, run};
 
 fn qemu_img(args: &[&str]) -> String {
@@ -305,23 +306,6 @@ fn compressed_clusters_read_and_rewrite() {
         d.ok("blockdev-del", json!({"node-name": node}));
         check_clean(&img);
         qio(&img, &["read -P 0x5a 65536 4464", "read -P 0x99 70000 100", "read -P 0x5a 70100 60972"]);
-    }
-}
-
-/// A small deterministic generator (SplitMix64), so a seed replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

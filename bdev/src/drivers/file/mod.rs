@@ -76,8 +76,8 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     } else {
         meta.len()
     };
-    let (file, direct, block_size) = choose_direct(&path, file, read_only, common.direct)?;
-    let punt = !is_block_device && on_tmpfs(&file);
+    let tmpfs = !is_block_device && on_tmpfs(&file);
+    let (file, direct, block_size) = choose_direct(&path, file, read_only, common.direct, tmpfs)?;
     let fd: OwnedFd = file.into();
     Ok(Arc::new(FileBdev {
         path,
@@ -88,7 +88,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         read_only,
         no_flush: common.no_flush,
         is_block_device,
-        punt,
+        punt: tmpfs,
         zero_range_ok: AtomicBool::new(true),
         data_extent: std::sync::Mutex::new(None),
     }))
@@ -129,10 +129,16 @@ fn open_file(path: &str, read_only: bool, auto_read_only: bool) -> Result<(File,
 /// of the alignment is fine: a read of the last block comes back short (the
 /// rest reads as zeroes) and a write of it extends the file, as QEMU's
 /// images expect.
-fn choose_direct(path: &str, file: File, read_only: bool, mode: DirectMode) -> Result<(File, bool, u32), BdevError> {
+fn choose_direct(
+    path: &str,
+    file: File,
+    read_only: bool,
+    mode: DirectMode,
+    tmpfs: bool,
+) -> Result<(File, bool, u32), BdevError> {
     // tmpfs accepts O_DIRECT, but its data lives in the page cache either
     // way: O_DIRECT only adds alignment rules and a slower kernel path.
-    if mode == DirectMode::Off || (mode == DirectMode::Auto && on_tmpfs(&file)) {
+    if mode == DirectMode::Off || (mode == DirectMode::Auto && tmpfs) {
         return Ok((file, false, 1));
     }
     let probe = open_with(path, !read_only, true).map_err(|e| e.raw_os_error());
