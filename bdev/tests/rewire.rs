@@ -226,6 +226,68 @@ fn files_on_tmpfs_are_buffered_by_default_and_read_back_under_load() {
     }
 }
 
+/// Large reads and writes of files on tmpfs are memory copies; they run on
+/// the offload threads, which may use every core (kernel workers would be
+/// pinned to the submitting reactor's core). Data and FUA writes behave as
+/// on the ring, with many requests to one file in flight.
+#[test]
+fn large_tmpfs_copies_run_on_unpinned_threads_and_keep_their_data() {
+    let shm = std::path::Path::new("/dev/shm");
+    let on_tmpfs = nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if !on_tmpfs {
+        return; // no tmpfs on this machine
+    }
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let mut env = Env::new();
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let path = dir.path().join(format!("{name}.img"));
+        std::fs::File::create(&path).unwrap().set_len(8 * MIB).unwrap();
+        nodes.push(env.add(json!({"driver": "file", "node-name": name, "filename": path.to_str().unwrap()})));
+    }
+    for (seed, node) in nodes.iter().enumerate() {
+        let data = pattern(0, 8 * MIB as usize, seed as u8 + 20);
+        let written = data.clone();
+        let got = env.on(1, node, |ch| async move {
+            // Many 1 MiB writes in flight to one file, every other one FUA.
+            let writes: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let mut buf = IoBuf::new(MIB as usize);
+                    buf.copy_from_slice(&written[(i * MIB) as usize..((i + 1) * MIB) as usize]);
+                    let flags = if i % 2 == 0 { IoFlags::FUA } else { IoFlags::NONE };
+                    ch.submit_io(bdev::Io::write(i * MIB, buf, flags))
+                })
+                .collect();
+            for w in writes {
+                w.await.1.unwrap();
+            }
+            let reads: Vec<_> =
+                (0..8u64).map(|i| ch.submit_io(bdev::Io::read(i * MIB, IoBuf::new(MIB as usize)))).collect();
+            let mut out = Vec::new();
+            for r in reads {
+                let (io, res) = r.await;
+                res.unwrap();
+                out.extend_from_slice(&io.buf.unwrap());
+            }
+            out
+        });
+        assert_eq!(got, data, "file {seed}");
+    }
+    let process = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = |status: &str| status.lines().find(|l| l.starts_with("Cpus_allowed_list")).map(str::to_owned);
+    let mut offload = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.starts_with("offload-") {
+            offload += 1;
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            assert_eq!(allowed(&status), allowed(&process), "offload threads may run on every core of the process");
+        }
+    }
+    assert!(offload > 0, "large tmpfs copies went to the offload threads");
+}
+
 /// Allocating writes to a qcow2 on a plain file grow the file ahead of the
 /// allocator, preallocated, so data writes land inside the file instead of
 /// each extending it; the image stays clean for qemu-img and reads back.

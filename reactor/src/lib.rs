@@ -13,6 +13,7 @@
 //!
 //! - [`reactor`]: the loop, [`Handle`] for other threads, poll modes.
 //! - [`executor`]: `!Send` tasks on their reactor ([`spawn_local`]).
+//! - [`offload`]: file reads and writes on unpinned threads (tmpfs copies).
 //! - [`poller`]: busy/idle pollers, active and timed.
 //! - [`timer`]: `sleep` and `timeout` for tasks.
 //! - [`reply`]: one-shot answers for cross-thread calls.
@@ -29,6 +30,7 @@ pub mod buf;
 pub mod cpuset;
 pub mod executor;
 pub mod group;
+pub mod offload;
 pub mod poller;
 pub mod reactor;
 pub mod reply;
@@ -39,6 +41,7 @@ pub mod uring;
 pub use buf::{IO_ALIGN, IoBuf, MemRegion};
 pub use executor::{JoinHandle, spawn_local, yield_now};
 pub use group::{Reactors, StartError};
+pub use offload::offload;
 pub use poller::{PollStatus, PollerId};
 pub use reactor::{Handle, PollMode, Reactor, ReactorOptions, ReactorStats, current, defer, try_current};
 pub use reply::{Canceled, Reply, ReplyTx, WaitError, reply};

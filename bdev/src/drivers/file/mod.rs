@@ -37,10 +37,11 @@ pub struct FileBdev {
     read_only: bool,
     no_flush: bool,
     is_block_device: bool,
-    /// Reads and writes go straight to the kernel's worker pool: the file
-    /// is buffered on a file system with no non-blocking path (tmpfs), so
-    /// the kernel would punt them anyway — marked, they spread over
-    /// several workers instead of queueing behind one.
+    /// The file is buffered on a file system with no non-blocking path
+    /// (tmpfs): large reads and writes go to the offload threads, small
+    /// reads straight to the kernel's worker pool (the kernel would punt
+    /// them anyway — marked, they spread over several workers instead of
+    /// queueing behind one).
     punt: bool,
     /// Cleared after the file system refused FALLOC_FL_ZERO_RANGE once.
     zero_range_ok: AtomicBool,

@@ -19,6 +19,12 @@ use crate::bdev::{Channel, LocalBoxFuture};
 use crate::error::IoError;
 use crate::io::{BlockStatus, Done, Io, IoFlags, IoKind};
 
+/// Reads and writes of files in memory from this size on are copied by the
+/// offload threads (`reactor::offload`), which use every core, instead of
+/// kernel workers pinned to this reactor's core; smaller ones stay on the
+/// ring, where a thread hop would cost more than the copy.
+const OFFLOAD_MIN_BYTES: usize = 64 << 10;
+
 /// Largest write of zeroes issued at once when the file system cannot zero a range.
 const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
 
@@ -72,7 +78,10 @@ impl FileChannel {
     }
 
     fn issue(&self, key: usize, op: Op) {
-        if self.bdev.punt && matches!(op, Op::Read { .. }) {
+        let big = matches!(op, Op::Read { len, .. } | Op::Write { len, .. } if len >= OFFLOAD_MIN_BYTES);
+        if self.bdev.punt && big {
+            reactor::offload(op, self.callback(), key as u64);
+        } else if self.bdev.punt && matches!(op, Op::Read { .. }) {
             self.ring.submit_punted_with(op, self.callback(), key as u64);
         } else {
             self.ring.submit_with(op, self.callback(), key as u64);
