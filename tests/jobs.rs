@@ -707,6 +707,74 @@ fn stream_with_on_error_ignore_carries_on_then_fails_keeping_the_backing() {
     assert_eq!(backing_chain(&top).len(), 3);
 }
 
+/// `on-error: stop` in the jobs that copy several ranges at once: a read
+/// of the middle layer fails once, the job pauses with the error (the other
+/// copies in flight end first), and resuming copies the failed range again.
+#[test]
+fn commit_and_stream_with_on_error_stop_pause_and_retry_the_failed_range() {
+    for job in ["block-commit", "block-stream"] {
+        let mut d = Daemon::start();
+        let base = create(&d, "base.qcow2", "16M", None);
+        qio(&base, &["write -P 0x11 0 16M"]);
+        let mid = create(&d, "mid.qcow2", "16M", Some(&base));
+        qio(&mid, &["write -P 0x22 0 12M"]);
+        let top = create(&d, "top.qcow2", "16M", Some(&mid));
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+            "file": {"driver": "file", "filename": base, "read-only": true}}),
+        );
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "blkdebug", "node-name": "mid-dbg", "read-only": true,
+            "image": {"driver": "file", "filename": mid, "read-only": true}}),
+        );
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
+            "file": "mid-dbg"}),
+        );
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
+            "file": {"driver": "file", "filename": top}}),
+        );
+        // A data cluster of mid in the middle of its data fails once.
+        let map = d.ok("x-block-status", json!({"node-name": "mid"}));
+        let data = map.as_array().unwrap().iter().find(|e| e["data"] == true).unwrap().clone();
+        let host = data["offset"].as_u64().unwrap() + 5 * MIB;
+        d.ok(
+            "x-blkdebug-set-rules",
+            json!({"node-name": "mid-dbg",
+            "inject-error": [{"event": "read_aio", "sector": host / 512, "once": true}]}),
+        );
+        let mut q = Qmp::negotiated(&d.qmp);
+        let args = if job == "block-commit" {
+            json!({"job-id": "j", "device": "top", "top-node": "mid", "base-node": "base", "on-error": "stop"})
+        } else {
+            json!({"job-id": "j", "device": "top", "base-node": "base", "on-error": "stop"})
+        };
+        exec_ok(&mut q, job, args);
+        let events = until(&mut q, "BLOCK_JOB_ERROR", "j");
+        assert_eq!(events.last().unwrap()["data"], json!({"device": "j", "operation": "read", "action": "stop"}));
+        let events = until(&mut q, "JOB_STATUS_CHANGE", "j");
+        assert_eq!(statuses(&events, "j"), ["paused"], "{job}");
+        let paused = block_job(&d, "j");
+        assert_eq!(paused["io-status"], "failed", "{paused}");
+        // Paused means paused: no copy moves any more.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(block_job(&d, "j")["offset"], paused["offset"], "{job}");
+        exec_ok(&mut q, "block-job-resume", json!({"device": "j"}));
+        let events = until(&mut q, "BLOCK_JOB_COMPLETED", "j");
+        assert!(events.last().unwrap()["data"].get("error").is_none(), "{events:?}");
+        d.shutdown();
+        let (img, chain) = if job == "block-commit" { (&base, 2) } else { (&top, 2) };
+        qio(img, &["read -P 0x22 0 12M", "read -P 0x11 12M 4M"]);
+        assert_eq!(backing_chain(&top).len(), chain, "{job}");
+        qemu_img(&["check", "-q", img.to_str().unwrap()]);
+    }
+}
+
 #[test]
 fn qemus_python_qmp_client_runs_a_mirror_a_commit_and_a_stream() {
     let mut d = Daemon::start();

@@ -12,17 +12,20 @@
 //! A read-only base is written through a writable twin (the same image
 //! opened again read-write); the overlay ends up on the twin.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bdev::{Access, BdevError, Graph, IoFlags, Node};
 
 use crate::chain::{self, filename, format_name};
+use crate::copies::Copies;
 use crate::job::{ErrorAction, JobCtx, JobShared, JobType, OnError};
 use crate::manager::{JobError, JobHooks, JobManager, NewJob};
 use crate::mirror::{self, CopyMode, MirrorConfig, SyncMode};
 
-/// Bytes copied per step (QEMU's commit buffer).
-pub const STEP: u64 = 512 << 10;
+/// Bytes per copy (QEMU copies 512 KiB at a time, one copy after another;
+/// here up to `COPIES_MAX` copies run at once).
+pub const STEP: u64 = 1 << 20;
 
 /// `block-commit`'s arguments, resolved to names.
 #[derive(Debug, Clone, Default)]
@@ -149,52 +152,87 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, a: CommitArgs) -> Result<
 }
 
 /// The intermediate commit's copy loop: every range some layer from top
-/// down to just above base holds goes into base.
+/// down to just above base holds goes into base, several ranges at once.
 async fn run(ctx: JobCtx, top: Arc<Node>, base: Arc<Node>, depth: u32, on_error: OnError) -> Result<(), String> {
     let io = |e: BdevError| e.to_string();
     let (top_ch, base_ch) = (top.channel().map_err(io)?, base.channel().map_err(io)?);
     let size = top.size();
     ctx.set_total(size);
+    let copies = Copies::new();
+    // Ranges whose copy failed and is to be made again.
+    let mut retry: VecDeque<(u64, u64)> = VecDeque::new();
     let mut pos = 0;
-    while pos < size {
+    loop {
+        ctx.add_progress(copies.take_done());
+        while let Some(f) = copies.failure() {
+            match ctx.io_error(f.read, f.error, on_error) {
+                ErrorAction::Report => {
+                    copies.drain().await;
+                    return Err(f.error.to_string());
+                }
+                // Ignore retries the range; stop pauses first.
+                _ => retry.push_back((f.offset, f.len)),
+            }
+        }
+        // Nothing moves while paused: let the running copies end first
+        // (and handle how they ended).
+        if (ctx.pause_requested() || ctx.cancelled()) && copies.running() > 0 {
+            copies.drain().await;
+            continue;
+        }
         ctx.pause_point().await;
         if ctx.cancelled() {
+            copies.drain().await;
             return Ok(());
         }
-        let step = STEP.min(size - pos);
-        let st = match top_ch.block_status(pos, step).await {
-            Ok(st) => st,
-            Err(e) => match ctx.io_error(true, e, on_error) {
-                ErrorAction::Report => return Err(e.to_string()),
-                _ => continue,
-            },
+        let (at, step) = match retry.pop_front() {
+            Some(r) => r,
+            None if pos < size => (pos, STEP.min(size - pos)),
+            None if copies.running() > 0 => {
+                // The last copies may still fail and need another go.
+                copies.drain().await;
+                continue;
+            }
+            None => break,
         };
-        let len = st.len.clamp(1, step);
-        let mut copied = 0;
-        if st.allocated && st.depth < depth {
-            let res = if st.zero && !st.data {
-                base_ch.write_zeroes(pos, len, IoFlags::NONE).await.map_err(|e| (false, e))
-            } else {
-                match top_ch.read(pos, len as usize).await {
-                    Ok(buf) => {
-                        copied = len;
-                        base_ch.write(pos, buf, IoFlags::NONE).await.1.map_err(|e| (false, e))
-                    }
-                    Err(e) => Err((true, e)),
+        let st = match top_ch.block_status(at, step).await {
+            Ok(st) => st,
+            Err(e) => {
+                if at != pos {
+                    retry.push_front((at, step));
                 }
-            };
-            if let Err((read, e)) = res {
-                match ctx.io_error(read, e, on_error) {
-                    ErrorAction::Report => return Err(e.to_string()),
-                    // Ignore retries the range; stop pauses first.
+                match ctx.io_error(true, e, on_error) {
+                    ErrorAction::Report => {
+                        copies.drain().await;
+                        return Err(e.to_string());
+                    }
                     _ => continue,
                 }
             }
+        };
+        let len = st.len.clamp(1, step);
+        if at == pos {
+            pos += len;
+        } else if len < step {
+            retry.push_front((at + len, step - len));
         }
-        pos += len;
-        ctx.add_progress(len);
-        ctx.rate_limit(copied).await;
+        if st.allocated && st.depth < depth {
+            copies.room().await;
+            let (src, dst) = (top_ch.clone(), base_ch.clone());
+            let zero = st.zero && !st.data;
+            copies.start(at, len, async move {
+                if zero {
+                    return dst.write_zeroes(at, len, IoFlags::NONE).await.map_err(|e| (false, e));
+                }
+                let buf = src.read(at, len as usize).await.map_err(|e| (true, e))?;
+                dst.write(at, buf, IoFlags::NONE).await.1.map_err(|e| (false, e))
+            });
+            ctx.rate_limit(if zero { 0 } else { len }).await;
+        } else {
+            ctx.add_progress(len);
+        }
     }
+    ctx.add_progress(copies.take_done());
     base_ch.flush().await.map_err(|e| e.to_string())
 }
 

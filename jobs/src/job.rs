@@ -398,6 +398,11 @@ impl JobCtx {
         self.sleep(max).await
     }
 
+    /// True while a pause is asked for (the next pause point will stop).
+    pub fn pause_requested(&self) -> bool {
+        self.job.lock().pause_count > 0
+    }
+
     /// True once a forced cancel was asked for.
     pub fn cancelled(&self) -> bool {
         self.job.lock().force_cancelled()

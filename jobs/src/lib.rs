@@ -23,6 +23,7 @@
 
 pub mod chain;
 pub mod commit;
+pub mod copies;
 pub mod dirty;
 pub mod job;
 pub mod locks;
