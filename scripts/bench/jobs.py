@@ -198,18 +198,22 @@ def scenarios(scale):
 
 
 def copy_limit(dirp, size, direct):
-    """What fio reads and writes at once on this file system (1 MiB, QD16):
-    the ceiling for a copy job."""
+    """What fio copies on this file system: 1 MiB reads of one file and 1 MiB
+    writes of another at once, QD16 each, kept in step by fio's flow control
+    (a copy writes what it reads, so neither side may run ahead). Returns
+    (copy rate, read rate, write rate) in MiB/s."""
     a, b = f"{dirp}/fio-a", f"{dirp}/fio-b"
     with open(a, "wb") as f:
         f.truncate(size)
     common = ["--ioengine=io_uring", "--bs=1M", "--iodepth=16", f"--direct={int(direct)}", f"--size={size}",
               "--output-format=json"]
     sh("fio", "--name=prep", f"--filename={a}", "--rw=write", *common)
-    out = subprocess.run(["fio", "--name=r", f"--filename={a}", "--rw=read", *common,
-                          "--name=w", f"--filename={b}", "--rw=write", *common],
+    os.sync()
+    flow = ["--flow_id=1", "--flow=1"]
+    out = subprocess.run(["fio", "--name=r", f"--filename={a}", "--rw=read", *common, *flow,
+                          "--name=w", f"--filename={b}", "--rw=write", *common, *flow],
                          check=True, capture_output=True, text=True).stdout
-    jobs = json.loads(out)["jobs"]
+    jobs = json.loads(out[out.index("{"):])["jobs"]
     os.unlink(a)
     os.unlink(b)
     rd = jobs[0]["read"]["bw_bytes"] / MIB
@@ -297,7 +301,7 @@ async def main():
     try:
         limit, rd, wr = copy_limit(root, max(GIB // args.scale, 64 * MIB), args.direct)
         results["copy_limit"] = {"min": limit, "read": rd, "write": wr}
-        print(f"copy limit (fio, concurrent 1M read + write, QD16): {limit:.0f} MiB/s "
+        print(f"copy limit (fio, 1M reads and writes in step, QD16 each): {limit:.0f} MiB/s "
               f"(read {rd:.0f}, write {wr:.0f})")
         print(f"{'job':<22} {'spindle':>24} {'qemu-storage-daemon':>24} {'ratio':>7}")
         for name, setup, run in scenarios(args.scale):
@@ -313,6 +317,9 @@ async def main():
                 for kind in ("spindle", "qsd"):
                     work = os.path.join(root, kind)
                     shutil.copytree(golden, work)
+                    # The copies are dirty in the page cache: write them back
+                    # now, not while the job reads the files.
+                    os.sync()
                     d = Daemon(kind, work, args.spindle, args.direct)
                     await d.connect()
                     try:
@@ -349,6 +356,9 @@ async def main():
                 for kind in ("spindle", "qsd"):
                     work = os.path.join(root, kind)
                     shutil.copytree(golden, work)
+                    # The copies are dirty in the page cache: write them back
+                    # now, not while the job reads the files.
+                    os.sync()
                     before, during, t_ready = await live(kind, args, work, speed, mode, seconds)
                     shutil.rmtree(work)
                     ready = f"{t_ready:.2f} s" if t_ready is not None else f"not within {seconds} s"

@@ -36,6 +36,9 @@ MIB = 1 << 20
 GIB = 1 << 30
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
+# fio's flow control keeps jobs of one flow id in step: the two sides of a
+# copy move the same number of bytes.
+IN_STEP = ["--flow_id=1", "--flow=1"]
 SECTIONS = ["memcpy", "limits", "perf", "idle", "nbd", "jobs"]
 
 MODES = {
@@ -246,8 +249,8 @@ def measure_limits(cfg, work, disk):
     tests = [
         ("seq_read_1m", "1 MiB sequential read QD8", lambda: [["--name=r", *on_disk("read", "1M", 8)]]),
         ("seq_write_1m", "1 MiB sequential write QD8, fresh sparse file", lambda: [["--name=w", *fresh_write()]]),
-        ("copy_1m", "copy: 1 MiB read QD8 of one file and 1 MiB write QD8 of a fresh one, at once",
-         lambda: [["--name=r", *on_disk("read", "1M", 8)], ["--name=w", *fresh_write()]]),
+        ("copy_1m", "copy: 1 MiB reads QD8 of one file and 1 MiB writes QD8 of a fresh one, kept in step",
+         lambda: [["--name=r", *on_disk("read", "1M", 8), *IN_STEP], ["--name=w", *fresh_write(), *IN_STEP]]),
         ("randread_4k", "4 KiB random read QD32", lambda: [["--name=r", *on_disk("randread", "4k", 32)]]),
         ("read_4k", "4 KiB sequential read QD32", lambda: [["--name=r", *on_disk("read", "4k", 32)]]),
         ("randwrite_4k", "4 KiB random write QD32 (allocated file)",
@@ -267,7 +270,7 @@ def measure_limits(cfg, work, disk):
                 os.unlink(fresh)
             r = dict(res[0])
             if key == "copy_1m":
-                # The read side is the copy limit; the write side is kept too.
+                # Both sides move in step; the write side is kept too.
                 r["write_mibs"] = res[1]["mibs"]
             runs.append(r)
         limits[key] = dict(median_by(runs, "iops"), label=label)
@@ -515,7 +518,7 @@ def report(res, cfg, png_rel, nbd_png_rel):
                 mb += f" (write side {mibs(l['write_mibs'])})"
             rows.append([l["label"], si(l["iops"]), mb, lat(l["lat_us"])])
         lines += [table(["test", "IOPS", "MiB/s", "p50 / p99 / p99.9 µs"], rows), ""]
-        lines += [f"Copy limit (the read side of the copy row): **{limits['copy_1m']['mibs']:.0f} MiB/s**.", ""]
+        lines += [f"Copy limit (the copy row): **{limits['copy_1m']['mibs']:.0f} MiB/s**.", ""]
     mem = res.get("memcpy")
     perf = res.get("perf")
     if perf:
@@ -630,14 +633,11 @@ def report(res, cfg, png_rel, nbd_png_rel):
                   f"`scripts/bench/jobs.py {shlex.join(cfg['jobs'])}`, on the disk (`--dir target/spindle-suite --direct`) "
                   "and on tmpfs (`--dir /dev/shm/spindle-suite`): the same images, node options and job arguments for both daemons; "
                   "wall time from the command to BLOCK_JOB_COMPLETED (through READY and job-complete where the "
-                  "job has one), median of the runs. Ratio = QSD's wall time / Spindle's. Copy limit: on the "
-                  "disk the copy row of the limits above (read side); on tmpfs jobs.py's own fio copy "
-                  "(1 MiB QD16, read side).", ""]
+                  "job has one), median of the runs. Ratio = QSD's wall time / Spindle's. Copy limit: jobs.py's "
+                  "own fio copy on the same file system (1 MiB reads of one file and writes of another, QD16 "
+                  "each, kept in step by fio's flow control).", ""]
         for where, j in jobs.items():
-            if where == "disk" and limits:
-                cl = limits["copy_1m"]["mibs"]
-            else:
-                cl = j["copy_limit"]["read"]
+            cl = j["copy_limit"]["min"]
             lines += [f"{'Disk, O_DIRECT' if where == 'disk' else 'tmpfs'} — copy limit {cl:.0f} MiB/s"
                       + (f" (1/{j['scale']} of the usual image sizes)" if j.get("scale", 1) > 1 else "") + ".", ""]
             rows = []
