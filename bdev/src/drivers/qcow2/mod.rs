@@ -278,8 +278,11 @@ async fn init_state(
         None => None,
     };
     let dirty = header.incompatible & incompat::DIRTY != 0;
-    // Only a plain file is grown ahead of the allocator.
-    let grow = file.driver() == "file";
+    // Only a plain file with O_DIRECT is grown ahead of the allocator: the
+    // file system serialises direct writes that extend a file, while
+    // buffered ones (tmpfs, cache.direct=off) cost nothing extra there, and
+    // preallocating would only zero memory that the data overwrites.
+    let grow = file.driver() == "file" && file.bdev().info().direct;
     let state = Qcow2::open(file_channel(file)?, file_size, header, backing, read_only, caches, grow)
         .await
         .map_err(io_err("loading the qcow2 tables"))?;
