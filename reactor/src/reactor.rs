@@ -154,6 +154,10 @@ impl Shared {
 
     fn post_blocking(&self, mut msg: Msg) {
         loop {
+            if self.stop.load(Ordering::Acquire) {
+                // Nobody will take it (or make room): drop it, cancelling any reply.
+                return;
+            }
             self.notify();
             std::thread::sleep(Duration::from_micros(50));
             match self.inbox.push(msg) {

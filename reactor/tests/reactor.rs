@@ -224,3 +224,25 @@ fn reply_channel_between_tasks_on_one_reactor() {
     });
     assert_eq!(v, "done");
 }
+
+/// A thread sending to a reactor whose inbox is full waits for room — but
+/// not for ever once the reactor stops: the message is dropped (its reply
+/// cancelled) and the sender goes on (an offload thread answering a reactor
+/// that shut down).
+#[test]
+fn a_sender_blocked_on_a_full_inbox_returns_when_the_reactor_stops() {
+    let r = local();
+    let h = r.handle();
+    // Nothing runs the reactor: fill its inbox.
+    for _ in 0..reactor::reactor::INBOX_CAPACITY {
+        h.send(|| {});
+    }
+    let sender = {
+        let h = h.clone();
+        std::thread::spawn(move || h.call(|| 1).wait())
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!sender.is_finished(), "the sender waits for room");
+    h.stop();
+    assert_eq!(sender.join().unwrap(), Err(reactor::Canceled), "dropped, not delivered");
+}
