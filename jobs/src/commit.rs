@@ -12,13 +12,12 @@
 //! A read-only base is written through a writable twin (the same image
 //! opened again read-write); the overlay ends up on the twin.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bdev::{Access, BdevError, Graph, IoFlags, Node};
 
 use crate::chain::{self, filename, format_name};
-use crate::copies::Copies;
+use crate::copies::{Next, Walk};
 use crate::job::{ErrorAction, JobCtx, JobShared, JobType, OnError};
 use crate::manager::{JobError, JobHooks, JobManager, NewJob};
 use crate::mirror::{self, CopyMode, MirrorConfig, SyncMode};
@@ -158,52 +157,32 @@ async fn run(ctx: JobCtx, top: Arc<Node>, base: Arc<Node>, depth: u32, on_error:
     let (top_ch, base_ch) = (top.channel().map_err(io)?, base.channel().map_err(io)?);
     let size = top.size();
     ctx.set_total(size);
-    let copies = Copies::new();
-    // Ranges whose copy failed and is to be made again.
-    let mut retry: VecDeque<(u64, u64)> = VecDeque::new();
-    let mut pos = 0;
+    let mut walk = Walk::new(size, STEP);
     loop {
-        ctx.add_progress(copies.take_done());
-        while let Some(f) = copies.failure() {
+        ctx.add_progress(walk.copies.take_done());
+        while let Some(f) = walk.copies.failure() {
             match ctx.io_error(f.read, f.error, on_error) {
                 ErrorAction::Report => {
-                    copies.drain().await;
+                    walk.copies.drain().await;
                     return Err(f.error.to_string());
                 }
                 // Ignore retries the range; stop pauses first.
-                _ => retry.push_back((f.offset, f.len)),
+                _ => walk.again(f.offset, f.len),
             }
         }
-        // Nothing moves while paused: let the running copies end first
-        // (and handle how they ended).
-        if (ctx.pause_requested() || ctx.cancelled()) && copies.running() > 0 {
-            copies.drain().await;
-            continue;
-        }
-        ctx.pause_point().await;
-        if ctx.cancelled() {
-            copies.drain().await;
-            return Ok(());
-        }
-        let (at, step) = match retry.pop_front() {
-            Some(r) => r,
-            None if pos < size => (pos, STEP.min(size - pos)),
-            None if copies.running() > 0 => {
-                // The last copies may still fail and need another go.
-                copies.drain().await;
-                continue;
-            }
-            None => break,
+        let (at, step) = match walk.next(&ctx).await {
+            Next::Range { at, len } => (at, len),
+            Next::Again => continue,
+            Next::Cancelled => return Ok(()),
+            Next::Done => break,
         };
         let st = match top_ch.block_status(at, step).await {
             Ok(st) => st,
             Err(e) => {
-                if at != pos {
-                    retry.push_front((at, step));
-                }
+                walk.failed(at, step);
                 match ctx.io_error(true, e, on_error) {
                     ErrorAction::Report => {
-                        copies.drain().await;
+                        walk.copies.drain().await;
                         return Err(e.to_string());
                     }
                     _ => continue,
@@ -211,16 +190,12 @@ async fn run(ctx: JobCtx, top: Arc<Node>, base: Arc<Node>, depth: u32, on_error:
             }
         };
         let len = st.len.clamp(1, step);
-        if at == pos {
-            pos += len;
-        } else if len < step {
-            retry.push_front((at + len, step - len));
-        }
+        walk.advance(at, step, len);
         if st.allocated && st.depth < depth {
-            copies.room().await;
+            walk.copies.room().await;
             let (src, dst) = (top_ch.clone(), base_ch.clone());
             let zero = st.zero && !st.data;
-            copies.start(at, len, async move {
+            walk.copies.start(at, len, async move {
                 if zero {
                     return dst.write_zeroes(at, len, IoFlags::NONE).await.map_err(|e| (false, e));
                 }
@@ -232,7 +207,7 @@ async fn run(ctx: JobCtx, top: Arc<Node>, base: Arc<Node>, depth: u32, on_error:
             ctx.add_progress(len);
         }
     }
-    ctx.add_progress(copies.take_done());
+    ctx.add_progress(walk.copies.take_done());
     base_ch.flush().await.map_err(|e| e.to_string())
 }
 

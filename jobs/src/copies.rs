@@ -1,13 +1,13 @@
-//! Copies in flight at once for the jobs that walk an image from start to
-//! end (intermediate commit, stream).
+//! The walk of the jobs that copy an image from start to end (intermediate
+//! commit, stream), with copies in flight at once.
 //!
-//! The walk stays in order — block status, then a copy per range that
-//! needs one — but each copy runs as its own task, up to [`COPIES_MAX`] at
-//! once, so the next ranges are read while earlier ones are written. A
-//! failed copy comes back to the walk with its range; the walk applies the
-//! job's error policy and may copy the range again. Before pausing or
-//! ending, the walk drains every copy, so a paused job moves no data and
-//! its progress stands still.
+//! The walk ([`Walk`]) stays in order — block status, then a copy per range
+//! that needs one — but each copy runs as its own task ([`Copies`]), up to
+//! [`COPIES_MAX`] at once, so the next ranges are read while earlier ones
+//! are written. A failed copy comes back to the walk with its range; the job
+//! applies its error policy and may hand the range back to be copied again.
+//! Before pausing or ending, the walk drains every copy, so a paused job
+//! moves no data and its progress stands still.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -16,6 +16,8 @@ use std::rc::Rc;
 
 use bdev::IoError;
 use reactor::LocalNotify;
+
+use crate::job::JobCtx;
 
 /// Copies running at once at most.
 pub const COPIES_MAX: usize = 8;
@@ -93,6 +95,83 @@ impl Copies {
     }
 }
 
+/// What the walk does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Look at `[at, at + len)` (block status, then maybe a copy).
+    Range { at: u64, len: u64 },
+    /// Copies ended meanwhile: handle how they ended, then ask again.
+    Again,
+    /// A forced cancel: every copy has ended.
+    Cancelled,
+    /// The whole image is done and every copy has ended.
+    Done,
+}
+
+/// The walk over an image in `step`-sized ranges, with the ranges to look
+/// at again (failed copies, the rest of a retried range) ahead of the next
+/// new one.
+pub struct Walk {
+    pub copies: Copies,
+    size: u64,
+    step: u64,
+    pos: u64,
+    retry: VecDeque<(u64, u64)>,
+}
+
+impl Walk {
+    pub fn new(size: u64, step: u64) -> Walk {
+        Walk { copies: Copies::new(), size, step, pos: 0, retry: VecDeque::new() }
+    }
+
+    /// Waits out a pause (letting the running copies end first, so nothing
+    /// moves while paused) and picks the next range.
+    pub async fn next(&mut self, ctx: &JobCtx) -> Next {
+        if (ctx.pause_requested() || ctx.cancelled()) && self.copies.running() > 0 {
+            self.copies.drain().await;
+            return Next::Again;
+        }
+        ctx.pause_point().await;
+        if ctx.cancelled() {
+            self.copies.drain().await;
+            return Next::Cancelled;
+        }
+        match self.retry.pop_front() {
+            Some((at, len)) => Next::Range { at, len },
+            None if self.pos < self.size => Next::Range { at: self.pos, len: self.step.min(self.size - self.pos) },
+            None if self.copies.running() > 0 => {
+                // The last copies may still fail and need another go.
+                self.copies.drain().await;
+                Next::Again
+            }
+            None => Next::Done,
+        }
+    }
+
+    /// The range `[at, at + len)` is to be looked at again later.
+    pub fn again(&mut self, at: u64, len: u64) {
+        self.retry.push_back((at, len));
+    }
+
+    /// Block status answered `done` bytes of the range `[at, at + len)`
+    /// given by [`Walk::next`]: the walk moves past them.
+    pub fn advance(&mut self, at: u64, len: u64, done: u64) {
+        if at == self.pos {
+            self.pos += done;
+        } else if done < len {
+            self.retry.push_front((at + done, len - done));
+        }
+    }
+
+    /// Looking at `[at, at + len)` failed: the next call gives it again
+    /// (after a pause, for `stop`).
+    pub fn failed(&mut self, at: u64, len: u64) {
+        if at != self.pos {
+            self.retry.push_front((at, len));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +205,27 @@ mod tests {
         assert_eq!(most, COPIES_MAX, "as many copies at once as allowed, no more");
         assert_eq!(failures, vec![(7 << 20, 1 << 20, true, IoError::Io)]);
         assert_eq!(done, 19 << 20, "finished copies count, the failed one does not");
+    }
+
+    #[test]
+    fn the_walk_moves_past_what_block_status_answered_and_queues_the_rest() {
+        const M: u64 = 1 << 20;
+        let mut w = Walk::new(10 * M, M);
+        // A new range answered in part: the walk moves on by that much.
+        w.advance(0, M, M / 4);
+        assert_eq!(w.pos, M / 4);
+        // A failed copy comes back; taken again and answered in part, its
+        // rest is next, ahead of anything queued later.
+        w.again(5 * M, M);
+        w.again(8 * M, M);
+        assert_eq!(w.retry.pop_front(), Some((5 * M, M)));
+        w.advance(5 * M, M, M / 2);
+        assert_eq!(w.retry.front(), Some(&(5 * M + M / 2, M / 2)));
+        assert_eq!(w.pos, M / 4, "a retried range does not move the walk");
+        // Block status failing on a retried range keeps it first in line;
+        // on the new range at the walk's position nothing is queued.
+        w.failed(9 * M, M);
+        w.failed(M / 4, M);
+        assert_eq!(Vec::from(w.retry.clone()), vec![(9 * M, M), (5 * M + M / 2, M / 2), (8 * M, M)]);
     }
 }

@@ -11,13 +11,12 @@
 //! [`IoFlags::FILL_UNALLOCATED`], so a cluster a client wrote after the
 //! job read the backing data keeps the client's data.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bdev::{BdevError, Graph, IoFlags, Node};
 
 use crate::chain::{self, filename, format_name};
-use crate::copies::Copies;
+use crate::copies::{Next, Walk};
 use crate::job::{ErrorAction, JobCtx, JobShared, JobType, OnError};
 use crate::manager::{JobError, JobHooks, JobManager, NewJob};
 
@@ -119,79 +118,53 @@ async fn run(ctx: JobCtx, top: Arc<Node>, depth: u32, on_error: OnError) -> Resu
     // With `ignore`, the job carries on and fails at the end, so the
     // backing file is not dropped.
     let mut ignored: Option<String> = None;
-    let copies = Copies::new();
-    // Ranges whose copy failed and is to be made again (after `stop`).
-    let mut retry: VecDeque<(u64, u64)> = VecDeque::new();
-    let mut pos = 0;
+    let mut walk = Walk::new(size, step);
     loop {
-        ctx.add_progress(copies.take_done());
-        while let Some(f) = copies.failure() {
+        ctx.add_progress(walk.copies.take_done());
+        while let Some(f) = walk.copies.failure() {
             match ctx.io_error(f.read, f.error, on_error) {
                 ErrorAction::Report => {
-                    copies.drain().await;
+                    walk.copies.drain().await;
                     return Err(f.error.to_string());
                 }
-                ErrorAction::Stop => retry.push_back((f.offset, f.len)),
+                ErrorAction::Stop => walk.again(f.offset, f.len),
                 ErrorAction::Ignore => {
                     ignored.get_or_insert(f.error.to_string());
                     ctx.add_progress(f.len);
                 }
             }
         }
-        // Nothing moves while paused: let the running copies end first
-        // (and handle how they ended).
-        if (ctx.pause_requested() || ctx.cancelled()) && copies.running() > 0 {
-            copies.drain().await;
-            continue;
-        }
-        ctx.pause_point().await;
-        if ctx.cancelled() {
-            copies.drain().await;
-            return Ok(());
-        }
-        let (at, n) = match retry.pop_front() {
-            Some(r) => r,
-            None if pos < size => (pos, step.min(size - pos)),
-            None if copies.running() > 0 => {
-                // The last copies may still fail and need another go.
-                copies.drain().await;
-                continue;
-            }
-            None => break,
+        let (at, n) = match walk.next(&ctx).await {
+            Next::Range { at, len } => (at, len),
+            Next::Again => continue,
+            Next::Cancelled => return Ok(()),
+            Next::Done => break,
         };
         let st = match ch.block_status(at, n).await {
             Ok(st) => st,
             Err(e) => match ctx.io_error(true, e, on_error) {
                 ErrorAction::Report => {
-                    copies.drain().await;
+                    walk.copies.drain().await;
                     return Err(e.to_string());
                 }
                 ErrorAction::Stop => {
-                    if at != pos {
-                        retry.push_front((at, n));
-                    }
+                    walk.failed(at, n);
                     continue;
                 }
                 ErrorAction::Ignore => {
                     ignored.get_or_insert(e.to_string());
-                    if at == pos {
-                        pos += n;
-                    }
+                    walk.advance(at, n, n);
                     ctx.add_progress(n);
                     continue;
                 }
             },
         };
         let len = st.len.clamp(1, n);
-        if at == pos {
-            pos += len;
-        } else if len < n {
-            retry.push_front((at + len, n - len));
-        }
+        walk.advance(at, n, len);
         if st.allocated && st.depth > 0 && st.depth < depth {
-            copies.room().await;
+            walk.copies.room().await;
             let c = ch.clone();
-            copies.start(at, len, async move {
+            walk.copies.start(at, len, async move {
                 let buf = c.read(at, len as usize).await.map_err(|e| (true, e))?;
                 c.write(at, buf, IoFlags::FILL_UNALLOCATED).await.1.map_err(|e| (false, e))
             });
@@ -200,7 +173,7 @@ async fn run(ctx: JobCtx, top: Arc<Node>, depth: u32, on_error: OnError) -> Resu
             ctx.add_progress(len);
         }
     }
-    ctx.add_progress(copies.take_done());
+    ctx.add_progress(walk.copies.take_done());
     if let Some(e) = ignored {
         return Err(e);
     }
