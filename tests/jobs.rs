@@ -635,14 +635,14 @@ fn on_target_error_ignore_retries_and_report_fails_the_job() {
     d.stop();
 }
 
-#[test]
-fn stream_with_on_error_ignore_carries_on_then_fails_keeping_the_backing() {
-    let mut d = Daemon::start();
-    let base = create(&d, "base.qcow2", "4M", None);
-    qio(&base, &["write -P 0x11 0 4M"]);
-    let mid = create(&d, "mid.qcow2", "4M", Some(&base));
-    qio(&mid, &["write -P 0x22 0 1M", "write -P 0x23 2M 1M"]);
-    let top = create(&d, "top.qcow2", "4M", Some(&mid));
+/// base (0x11 throughout) <- mid <- top, all qcow2 nodes, with mid's file
+/// behind a blkdebug node `mid-dbg` for injecting errors; returns base and top.
+fn chain_with_debug_mid(d: &Daemon, size: &str, mid_writes: &[&str]) -> (PathBuf, PathBuf) {
+    let base = create(d, "base.qcow2", size, None);
+    qio(&base, &[&format!("write -P 0x11 0 {size}")]);
+    let mid = create(d, "mid.qcow2", size, Some(&base));
+    qio(&mid, mid_writes);
+    let top = create(d, "top.qcow2", size, Some(&mid));
     d.ok(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "base", "read-only": true,
@@ -663,6 +663,13 @@ fn stream_with_on_error_ignore_carries_on_then_fails_keeping_the_backing() {
         json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
         "file": {"driver": "file", "filename": top}}),
     );
+    (base, top)
+}
+
+#[test]
+fn stream_with_on_error_ignore_carries_on_then_fails_keeping_the_backing() {
+    let mut d = Daemon::start();
+    let (_base, top) = chain_with_debug_mid(&d, "4M", &["write -P 0x22 0 1M", "write -P 0x23 2M 1M"]);
     // Reads of mid's first data cluster fail (the data starts after its metadata).
     let map = d.ok("x-block-status", json!({"node-name": "mid"}));
     let host = map.as_array().unwrap().iter().find(|e| e["data"] == true).unwrap()["offset"].as_u64().unwrap();
@@ -714,31 +721,7 @@ fn stream_with_on_error_ignore_carries_on_then_fails_keeping_the_backing() {
 fn commit_and_stream_with_on_error_stop_pause_and_retry_the_failed_range() {
     for job in ["block-commit", "block-stream"] {
         let mut d = Daemon::start();
-        let base = create(&d, "base.qcow2", "16M", None);
-        qio(&base, &["write -P 0x11 0 16M"]);
-        let mid = create(&d, "mid.qcow2", "16M", Some(&base));
-        qio(&mid, &["write -P 0x22 0 12M"]);
-        let top = create(&d, "top.qcow2", "16M", Some(&mid));
-        d.ok(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "base", "read-only": true,
-            "file": {"driver": "file", "filename": base, "read-only": true}}),
-        );
-        d.ok(
-            "blockdev-add",
-            json!({"driver": "blkdebug", "node-name": "mid-dbg", "read-only": true,
-            "image": {"driver": "file", "filename": mid, "read-only": true}}),
-        );
-        d.ok(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
-            "file": "mid-dbg"}),
-        );
-        d.ok(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
-            "file": {"driver": "file", "filename": top}}),
-        );
+        let (base, top) = chain_with_debug_mid(&d, "16M", &["write -P 0x22 0 12M"]);
         // A data cluster of mid in the middle of its data fails once.
         let map = d.ok("x-block-status", json!({"node-name": "mid"}));
         let data = map.as_array().unwrap().iter().find(|e| e["data"] == true).unwrap().clone();

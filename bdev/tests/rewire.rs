@@ -189,17 +189,34 @@ fn direct_io_on_a_file_whose_size_is_not_aligned() {
     assert!(got[500..].iter().all(|&b| b == 0xee));
 }
 
+/// A scratch directory on tmpfs, where the machine has one.
+fn tmpfs_dir() -> Option<tempfile::TempDir> {
+    let shm = std::path::Path::new("/dev/shm");
+    let on_tmpfs = nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    on_tmpfs.then(|| tempfile::tempdir_in(shm).unwrap())
+}
+
+/// Reads `count` pieces of `len` bytes from offset 0 on, all in flight at
+/// once, and returns them in order.
+async fn read_at_once(ch: bdev::BlockChannel, count: u64, len: usize) -> Vec<u8> {
+    let reads: Vec<_> = (0..count).map(|i| ch.submit_io(bdev::Io::read(i * len as u64, IoBuf::new(len)))).collect();
+    let mut out = Vec::new();
+    for r in reads {
+        let (io, res) = r.await;
+        res.unwrap();
+        out.extend_from_slice(&io.buf.unwrap());
+    }
+    out
+}
+
 /// A file on tmpfs: buffered unless O_DIRECT is asked for (its data is in
 /// memory either way), and reads — sent straight to the kernel's workers
 /// there — return the right data with many in flight at once.
 #[test]
 fn files_on_tmpfs_are_buffered_by_default_and_read_back_under_load() {
-    let shm = std::path::Path::new("/dev/shm");
-    let on_tmpfs = nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-    if !on_tmpfs {
+    let Some(dir) = tmpfs_dir() else {
         return; // no tmpfs on this machine
-    }
-    let dir = tempfile::tempdir_in(shm).unwrap();
+    };
     let path = dir.path().join("mem.img");
     let data = pattern(0, 4 << 20, 9);
     std::fs::write(&path, &data).unwrap();
@@ -211,17 +228,7 @@ fn files_on_tmpfs_are_buffered_by_default_and_read_back_under_load() {
     // Newer kernels accept O_DIRECT on tmpfs; where one does, asking for it gets it.
     let direct = forced.describe()["cache"]["direct"].as_bool().unwrap();
     for node in [auto, forced] {
-        let got = env.on(1, &node, |ch| async move {
-            let reads: Vec<_> =
-                (0..64u64).map(|i| ch.submit_io(bdev::Io::read(i * 65536, IoBuf::new(65536)))).collect();
-            let mut out = Vec::new();
-            for r in reads {
-                let (io, res) = r.await;
-                res.unwrap();
-                out.extend_from_slice(&io.buf.unwrap());
-            }
-            out
-        });
+        let got = env.on(1, &node, |ch| read_at_once(ch, 64, 65536));
         assert_eq!(got, data, "direct={direct}");
     }
 }
@@ -232,12 +239,9 @@ fn files_on_tmpfs_are_buffered_by_default_and_read_back_under_load() {
 /// on the ring, with many requests to one file in flight.
 #[test]
 fn large_tmpfs_copies_run_on_unpinned_threads_and_keep_their_data() {
-    let shm = std::path::Path::new("/dev/shm");
-    let on_tmpfs = nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-    if !on_tmpfs {
+    let Some(dir) = tmpfs_dir() else {
         return; // no tmpfs on this machine
-    }
-    let dir = tempfile::tempdir_in(shm).unwrap();
+    };
     let mut env = Env::new();
     let mut nodes = Vec::new();
     for name in ["a", "b"] {
@@ -261,15 +265,7 @@ fn large_tmpfs_copies_run_on_unpinned_threads_and_keep_their_data() {
             for w in writes {
                 w.await.1.unwrap();
             }
-            let reads: Vec<_> =
-                (0..8u64).map(|i| ch.submit_io(bdev::Io::read(i * MIB, IoBuf::new(MIB as usize)))).collect();
-            let mut out = Vec::new();
-            for r in reads {
-                let (io, res) = r.await;
-                res.unwrap();
-                out.extend_from_slice(&io.buf.unwrap());
-            }
-            out
+            read_at_once(ch, 8, MIB as usize).await
         });
         assert_eq!(got, data, "file {seed}");
     }
