@@ -7,7 +7,8 @@
 //! 3. run deferred callbacks (completions that must not run inside submit);
 //! 4. poll ready tasks;
 //! 5. run active pollers, then timed pollers and timers that came due;
-//! 6. submit queued SQEs with one `io_uring_enter`, reap completions.
+//! 6. submit queued SQEs with one `io_uring_enter` (entering also when the
+//!    kernel flags deferred completion work), reap completions.
 //!
 //! When nothing was busy for `idle_spin` (adaptive mode), the reactor sleeps
 //! in `io_uring_enter` waiting for one completion: an armed read on its

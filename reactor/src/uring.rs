@@ -299,12 +299,24 @@ impl Ring {
     }
 
     /// Sets up a ring with `entries` submission slots (completion queue twice that).
+    ///
+    /// Completion work the kernel has for this thread (finished disk reads,
+    /// socket data) waits until the reactor next enters the ring
+    /// (`IORING_SETUP_DEFER_TASKRUN`) instead of interrupting it with an IPI
+    /// wherever it is; the reactor enters whenever the kernel flags such
+    /// work (`IORING_SETUP_TASKRUN_FLAG`). Kernels without it (before 6.1)
+    /// get a plain ring.
     pub fn new(entries: u32) -> io::Result<Ring> {
-        let ring = IoUring::builder()
-            .setup_cqsize(entries.saturating_mul(2))
-            .setup_single_issuer()
-            .setup_clamp()
-            .build(entries)
+        let build = |deferred: bool| {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(entries.saturating_mul(2)).setup_single_issuer().setup_clamp();
+            if deferred {
+                b.setup_defer_taskrun().setup_taskrun_flag();
+            }
+            b.build(entries)
+        };
+        let ring = build(true)
+            .or_else(|e| if e.raw_os_error() == Some(libc::EINVAL) { build(false) } else { Err(e) })
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -391,7 +403,7 @@ impl Ring {
     pub fn enter(&self, wait: Option<Option<Duration>>) {
         let mut inner = self.inner.borrow_mut();
         inner.refill_from_backlog();
-        if !inner.unsubmitted && wait.is_none() {
+        if !inner.unsubmitted && wait.is_none() && !inner.ring.submission().taskrun() {
             return;
         }
         inner.stats.enters += 1;

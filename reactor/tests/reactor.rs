@@ -246,3 +246,30 @@ fn a_sender_blocked_on_a_full_inbox_returns_when_the_reactor_stops() {
     h.stop();
     assert_eq!(sender.join().unwrap(), Err(reactor::Canceled), "dropped, not delivered");
 }
+
+/// A reactor that only polls never waits in the kernel, yet completions
+/// that need the kernel's deferred work (a socket receive that found no
+/// data when submitted) still arrive: the reactor enters the ring whenever
+/// the kernel flags pending work.
+#[test]
+fn a_polling_reactor_gets_completions_that_arrive_later() {
+    use std::io::Write;
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd: std::os::fd::OwnedFd = a.into();
+    let fd = Arc::new(fd);
+    let r = Reactor::new(None, ReactorOptions { poll_mode: PollMode::Poll, ..ReactorOptions::default() }).unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        b.write_all(b"late").unwrap();
+        b
+    });
+    let got = r.block_on(async move {
+        let ring = Rc::clone(current().ring());
+        let recv = ring.submit(Op::Recv { fd, buf: IoBuf::new(16), at: 0, len: 16 });
+        timeout(Duration::from_secs(5), recv).await
+    });
+    let _b = writer.join().unwrap();
+    let (res, op) = got.expect("the receive completes while the reactor polls");
+    assert_eq!(res, 4);
+    assert_eq!(&op.into_buf().unwrap()[..4], b"late");
+}
