@@ -264,7 +264,24 @@ fn block_status_matches_qemu_img_map() {
     let over_raw = d.path("over_raw.qcow2");
     create(&over_raw, "2M", "backing_file=base.raw,backing_fmt=raw");
     qio(&over_raw, &["write -P 3 64k 64k"]);
-    for (i, img) in [top.clone(), comp, over_raw].iter().enumerate() {
+    // 4 KiB clusters: one L2 table covers 2 MiB, so runs cross tables
+    // (data and zero clusters over a boundary, tables never allocated —
+    // one right after data that ends at a boundary —, the last cluster).
+    let small = d.path("small_clusters.qcow2");
+    create(&small, "16M", "cluster_size=4096");
+    qio(
+        &small,
+        &[
+            "write -P 1 1984k 64k",
+            "write -P 1 6136k 16k",
+            "write -z 8184k 16k",
+            "write -P 2 10M 2M",
+            "write -P 2 12M 4k",
+            "discard 11M 8k",
+            "write -P 3 16380k 4k",
+        ],
+    );
+    for (i, img) in [top.clone(), comp, over_raw, small].iter().enumerate() {
         let node = format!("m{i}");
         add(&d, &node, img, json!({"read-only": true}));
         assert_eq!(map(&d, &node), qemu_map(img), "map of {}", img.display());

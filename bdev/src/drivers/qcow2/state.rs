@@ -1158,26 +1158,43 @@ impl Qcow2 {
             let _lock = self.lock.lock().await;
             let c0 = g.cluster(offset);
             let first = self.cluster(c0).await?;
-            let mut pos = (c0 + 1) << g.cluster_bits;
-            while pos < end {
-                let c = g.cluster(pos);
-                let cl = self.cluster(c).await?;
-                let same = match (first, cl) {
-                    (Cluster::Data { host: a, .. }, Cluster::Data { host: b, .. }) => {
-                        b == a + (c - c0) * g.cluster_size
-                    }
-                    (Cluster::Zero { host: None, .. }, Cluster::Zero { host: None, .. }) => true,
-                    (Cluster::Zero { host: Some(a), .. }, Cluster::Zero { host: Some(b), .. }) => {
-                        b == a + (c - c0) * g.cluster_size
-                    }
-                    (Cluster::Unallocated, Cluster::Unallocated) => true,
-                    (Cluster::Compressed { .. }, Cluster::Compressed { .. }) => true,
-                    _ => false,
-                };
-                if !same {
-                    break;
+            // Whether cluster `c` continues the run `first` starts: the same
+            // kind, and for data, the next host cluster.
+            let continues = |c: u64, cl: Cluster| match (first, cl) {
+                (Cluster::Data { host: a, .. }, Cluster::Data { host: b, .. }) => b == a + (c - c0) * g.cluster_size,
+                (Cluster::Zero { host: None, .. }, Cluster::Zero { host: None, .. }) => true,
+                (Cluster::Zero { host: Some(a), .. }, Cluster::Zero { host: Some(b), .. }) => {
+                    b == a + (c - c0) * g.cluster_size
                 }
-                pos += g.cluster_size;
+                (Cluster::Unallocated, Cluster::Unallocated) => true,
+                (Cluster::Compressed { .. }, Cluster::Compressed { .. }) => true,
+                _ => false,
+            };
+            // One L2 table at a time: a range no table covers is skipped
+            // whole, a loaded table is scanned without further lookups, so
+            // a walk costs per table, not per cluster of virtual size.
+            let mut pos = (c0 + 1) << g.cluster_bits;
+            'scan: while pos < end {
+                let c = g.cluster(pos);
+                let table_end = (c / g.l2_entries + 1) * g.l2_entries;
+                let (_, off, _) = self.l1_lookup(c)?;
+                if off == 0 {
+                    if !matches!(first, Cluster::Unallocated) {
+                        break;
+                    }
+                    pos = table_end << g.cluster_bits;
+                    continue;
+                }
+                self.load_l2(off).await?;
+                let mut l2 = self.l2.borrow_mut();
+                let table = l2.get(off).expect("table just loaded");
+                for cc in c..table_end {
+                    pos = cc << g.cluster_bits;
+                    if pos >= end || !continues(cc, self.decode(table[(cc % g.l2_entries) as usize])?) {
+                        break 'scan;
+                    }
+                }
+                pos = table_end << g.cluster_bits;
             }
             (first, pos.min(end) - offset)
         };
