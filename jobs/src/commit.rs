@@ -159,17 +159,8 @@ async fn run(ctx: JobCtx, top: Arc<Node>, base: Arc<Node>, depth: u32, on_error:
     ctx.set_total(size);
     let mut walk = Walk::new(size, STEP);
     loop {
-        ctx.add_progress(walk.copies.take_done());
-        while let Some(f) = walk.copies.failure() {
-            match ctx.io_error(f.read, f.error, on_error) {
-                ErrorAction::Report => {
-                    walk.copies.drain().await;
-                    return Err(f.error.to_string());
-                }
-                // Ignore retries the range; stop pauses first.
-                _ => walk.again(f.offset, f.len),
-            }
-        }
+        // Ignore retries the range (stop does too, after the pause).
+        walk.settle(&ctx, on_error, |w, f| w.again(f.offset, f.len)).await?;
         let (at, step) = match walk.next(&ctx).await {
             Next::Range { at, len } => (at, len),
             Next::Again => continue,

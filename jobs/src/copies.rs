@@ -17,7 +17,7 @@ use std::rc::Rc;
 use bdev::IoError;
 use reactor::LocalNotify;
 
-use crate::job::JobCtx;
+use crate::job::{ErrorAction, JobCtx, OnError};
 
 /// Copies running at once at most.
 pub const COPIES_MAX: usize = 8;
@@ -161,6 +161,30 @@ impl Walk {
         } else if done < len {
             self.retry.push_front((at + done, len - done));
         }
+    }
+
+    /// Counts the finished copies' bytes and applies the job's error
+    /// policy to the failed ones: `report` lets the other copies end and
+    /// fails the walk, `stop` hands the range back (the job pauses in
+    /// [`Walk::next`]), and `ignore` is `on_ignore`'s, where jobs differ.
+    pub async fn settle(
+        &mut self,
+        ctx: &JobCtx,
+        on_error: OnError,
+        mut on_ignore: impl FnMut(&mut Walk, Failure),
+    ) -> Result<(), String> {
+        ctx.add_progress(self.copies.take_done());
+        while let Some(f) = self.copies.failure() {
+            match ctx.io_error(f.read, f.error, on_error) {
+                ErrorAction::Report => {
+                    self.copies.drain().await;
+                    return Err(f.error.to_string());
+                }
+                ErrorAction::Stop => self.again(f.offset, f.len),
+                ErrorAction::Ignore => on_ignore(self, f),
+            }
+        }
+        Ok(())
     }
 
     /// Looking at `[at, at + len)` failed: the next call gives it again

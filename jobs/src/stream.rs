@@ -120,20 +120,11 @@ async fn run(ctx: JobCtx, top: Arc<Node>, depth: u32, on_error: OnError) -> Resu
     let mut ignored: Option<String> = None;
     let mut walk = Walk::new(size, step);
     loop {
-        ctx.add_progress(walk.copies.take_done());
-        while let Some(f) = walk.copies.failure() {
-            match ctx.io_error(f.read, f.error, on_error) {
-                ErrorAction::Report => {
-                    walk.copies.drain().await;
-                    return Err(f.error.to_string());
-                }
-                ErrorAction::Stop => walk.again(f.offset, f.len),
-                ErrorAction::Ignore => {
-                    ignored.get_or_insert(f.error.to_string());
-                    ctx.add_progress(f.len);
-                }
-            }
-        }
+        walk.settle(&ctx, on_error, |_, f| {
+            ignored.get_or_insert(f.error.to_string());
+            ctx.add_progress(f.len);
+        })
+        .await?;
         let (at, n) = match walk.next(&ctx).await {
             Next::Range { at, len } => (at, len),
             Next::Again => continue,
