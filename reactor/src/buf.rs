@@ -2,8 +2,9 @@
 //! [`MemRegion`], the shared anonymous mapping that backs RAM devices.
 //!
 //! One of the two modules of the workspace that hold `unsafe` (the other is
-//! `uring`). Every buffer the kernel may touch is an `IoBuf`: heap memory
-//! aligned to [`IO_ALIGN`], always initialised (fresh buffers are zeroed,
+//! `uring`). Every buffer the kernel may touch is an `IoBuf`: memory
+//! aligned to [`IO_ALIGN`] (from the heap when small, in huge pages from
+//! 256 KiB up, aligned to its own size), always initialised (fresh buffers are zeroed,
 //! pooled ones hold old data), owned by exactly one value at a time. An
 //! in-flight operation owns its `IoBuf` until its completion hands it back.
 
@@ -19,6 +20,10 @@ pub const IO_ALIGN: usize = 4096;
 const POOL_CLASS_MIN_BYTES: usize = 4096;
 /// Number of power-of-two size classes: 4 KiB .. 4 MiB.
 const POOL_CLASSES: usize = 11;
+/// Buffers of this capacity and above live in huge pages (see [`map_huge`]).
+const HUGE_BUF_MIN: usize = 256 << 10;
+/// The transparent huge page size that [`map_huge`] aligns to.
+const HUGE_PAGE: usize = 2 << 20;
 /// Bytes each class may keep cached per thread before buffers go back to the allocator.
 const POOL_CLASS_CACHE_BYTES: usize = 32 << 20;
 /// A class keeps at least this many buffers regardless of its byte budget.
@@ -46,10 +51,11 @@ impl IoBuf {
     /// taken from this thread's pool when one of the right class is cached.
     pub fn new(len: usize) -> IoBuf {
         let cap = class_cap(len);
-        if let Some(ptr) = POOL.with(|p| p.borrow_mut().take(cap)) {
-            return IoBuf { ptr, len, cap };
-        }
-        IoBuf { ptr: alloc_zeroed(cap), len, cap }
+        let ptr = POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            pool.take(cap).unwrap_or_else(|| pool.fresh(cap))
+        });
+        IoBuf { ptr, len, cap }
     }
 
     /// A buffer of `len` zero bytes.
@@ -165,7 +171,63 @@ fn alloc_zeroed(cap: usize) -> NonNull<u8> {
     NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout))
 }
 
+/// Bytes of address space behind a buffer of capacity `cap`: huge-page
+/// buffers of 2 MiB and more own whole huge pages, smaller ones a piece of one.
+fn mapped_len(cap: usize) -> usize {
+    if cap >= HUGE_PAGE { cap.next_multiple_of(HUGE_PAGE) } else { cap }
+}
+
+/// Maps `len` (a multiple of [`HUGE_PAGE`]) zeroed bytes aligned to
+/// [`HUGE_PAGE`] and asks for transparent huge pages there.
+///
+/// Why: a large O_DIRECT transfer is split by the block layer into requests
+/// of at most `max_segments` physically contiguous runs (254 on virtio-blk),
+/// so a 1 MiB buffer of scattered 4 KiB pages becomes two requests, and
+/// neighbouring transfers never merge. In a huge page the whole buffer is one
+/// run: one request per transfer, and adjacent ones merge up to the device's
+/// `max_sectors_kb`. Without THP the mapping works the same, only smaller.
+fn map_huge(len: usize) -> NonNull<u8> {
+    let span = len + HUGE_PAGE;
+    // SAFETY: a fresh private anonymous mapping touches no existing memory.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        alloc::handle_alloc_error(Layout::from_size_align(len, HUGE_PAGE).expect("huge buffer layout"));
+    }
+    let base = raw as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    let end = start + len;
+    if start > base {
+        // SAFETY: the head [base, start) lies inside the mapping just made
+        // and outside the aligned range kept.
+        unsafe { libc::munmap(raw, start - base) };
+    }
+    if base + span > end {
+        // SAFETY: as for the head, the tail [end, base + span).
+        unsafe { libc::munmap(end as *mut libc::c_void, base + span - end) };
+    }
+    // Advice only: the memory is usable whatever the kernel answers.
+    // SAFETY: the range is the part of the mapping kept.
+    unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    NonNull::new(start as *mut u8).expect("mmap returned a null mapping")
+}
+
 fn dealloc(ptr: NonNull<u8>, cap: usize) {
+    if cap >= HUGE_BUF_MIN {
+        // SAFETY: ptr..ptr+mapped_len(cap) is this buffer's own part of a
+        // map_huge mapping (handed to exactly one buffer), unmapped once;
+        // unmapping a piece of a mapping leaves the other pieces mapped.
+        unsafe { libc::munmap(ptr.as_ptr().cast(), mapped_len(cap)) };
+        return;
+    }
     // SAFETY: ptr came from alloc_zeroed with the same layout (cap never
     // changes after allocation) and is not used again.
     unsafe { alloc::dealloc(ptr.as_ptr(), layout(cap)) }
@@ -177,6 +239,26 @@ struct BufPool {
 }
 
 impl BufPool {
+    /// New memory for a buffer of capacity `cap` when the pool has none.
+    /// Capacities below a huge page are cut from a fresh one: this buffer
+    /// takes the first piece, the class keeps the rest.
+    fn fresh(&mut self, cap: usize) -> NonNull<u8> {
+        if cap < HUGE_BUF_MIN {
+            return alloc_zeroed(cap);
+        }
+        if cap >= HUGE_PAGE {
+            return map_huge(mapped_len(cap));
+        }
+        let chunk = map_huge(HUGE_PAGE);
+        for at in (cap..HUGE_PAGE).step_by(cap) {
+            let piece = NonNull::new(chunk.as_ptr().wrapping_add(at)).expect("piece of a mapping is not null");
+            if !self.put(piece, cap) {
+                dealloc(piece, cap);
+            }
+        }
+        chunk
+    }
+
     fn take(&mut self, cap: usize) -> Option<NonNull<u8>> {
         self.classes[class_index(cap)?].pop()
     }
@@ -368,6 +450,47 @@ mod tests {
         drop(a);
         let mut b = IoBuf::new(5000);
         assert_eq!(b.as_mut_ptr(), p, "class 8 KiB buffer should come back from the pool");
+    }
+
+    #[test]
+    fn large_buffers_sit_whole_inside_huge_pages() {
+        // Aligned to their own capacity (to 2 MiB from 2 MiB up), a buffer
+        // never straddles a huge page boundary: the kernel sees one
+        // physically contiguous run when THP backs the mapping.
+        let caps = [256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 5 << 20];
+        let mut held = Vec::new();
+        for cap in caps {
+            for _ in 0..12 {
+                let mut b = IoBuf::new(cap);
+                let align = cap.next_power_of_two().min(HUGE_PAGE);
+                assert_eq!(b.as_mut_ptr() as usize % align, 0, "capacity {cap}");
+                assert!(b.iter().all(|&x| x == 0), "fresh memory reads as zero");
+                b.fill(0x5a);
+                held.push(b);
+            }
+        }
+        // Pieces of one huge page are separate buffers: writing one leaves
+        // its neighbours alone, and each can be freed on its own (from
+        // another thread too, where the pool of that thread takes it).
+        assert!(held.iter().all(|b| b.iter().all(|&x| x == 0x5a)));
+        let (keep, give): (Vec<_>, Vec<_>) = held.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+        std::thread::spawn(move || drop(give)).join().unwrap();
+        assert!(keep.iter().all(|(_, b)| b.iter().all(|&x| x == 0x5a)));
+    }
+
+    #[test]
+    fn huge_pieces_beyond_the_pool_budget_are_unmapped_one_by_one() {
+        // More 256 KiB buffers than the class keeps: dropping them unmaps
+        // pieces of shared huge pages while other pieces stay in use.
+        let n = POOL_CLASS_CACHE_BYTES / (256 << 10) * 3;
+        let bufs: Vec<IoBuf> = (0..n).map(|_| IoBuf::new(256 << 10)).collect();
+        let (odd, even): (Vec<_>, Vec<_>) = bufs.into_iter().enumerate().partition(|(i, _)| i % 2 == 1);
+        drop(odd);
+        for (_, mut b) in even {
+            b.fill(1);
+        }
+        let mut again = IoBuf::new(256 << 10);
+        again.fill(2);
     }
 
     #[test]
