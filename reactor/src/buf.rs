@@ -3,9 +3,9 @@
 //!
 //! One of the two modules of the workspace that hold `unsafe` (the other is
 //! `uring`). Every buffer the kernel may touch is an `IoBuf`: memory
-//! aligned to [`IO_ALIGN`] (from the heap when small, in huge pages from
-//! 256 KiB up, aligned to its own size), always initialised (fresh buffers are zeroed,
-//! pooled ones hold old data), owned by exactly one value at a time. An
+//! aligned to [`IO_ALIGN`] (from the heap when small, in huge pages and
+//! aligned to its own size from 64 KiB up), always initialised (fresh
+//! buffers are zeroed, pooled ones hold old data), owned by exactly one value at a time. An
 //! in-flight operation owns its `IoBuf` until its completion hands it back.
 
 use std::alloc::{self, Layout};
@@ -21,7 +21,7 @@ const POOL_CLASS_MIN_BYTES: usize = 4096;
 /// Number of power-of-two size classes: 4 KiB .. 4 MiB.
 const POOL_CLASSES: usize = 11;
 /// Buffers of this capacity and above live in huge pages (see [`map_huge`]).
-const HUGE_BUF_MIN: usize = 256 << 10;
+const HUGE_BUF_MIN: usize = 64 << 10;
 /// The transparent huge page size that [`map_huge`] aligns to.
 const HUGE_PAGE: usize = 2 << 20;
 /// Bytes each class may keep cached per thread before buffers go back to the allocator.
@@ -183,9 +183,10 @@ fn mapped_len(cap: usize) -> usize {
 /// Why: a large O_DIRECT transfer is split by the block layer into requests
 /// of at most `max_segments` physically contiguous runs (254 on virtio-blk),
 /// so a 1 MiB buffer of scattered 4 KiB pages becomes two requests, and
-/// neighbouring transfers never merge. In a huge page the whole buffer is one
-/// run: one request per transfer, and adjacent ones merge up to the device's
-/// `max_sectors_kb`. Without THP the mapping works the same, only smaller.
+/// neighbouring transfers seldom merge. In a huge page the whole buffer is
+/// one run: one request per transfer, adjacent ones merge up to the device's
+/// `max_sectors_kb`, and even a 64 KiB transfer hands the device one segment
+/// instead of sixteen. Without THP the mapping works the same, only smaller.
 fn map_huge(len: usize) -> NonNull<u8> {
     let span = len + HUGE_PAGE;
     // SAFETY: a fresh private anonymous mapping touches no existing memory.
@@ -457,7 +458,7 @@ mod tests {
         // Aligned to their own capacity (to 2 MiB from 2 MiB up), a buffer
         // never straddles a huge page boundary: the kernel sees one
         // physically contiguous run when THP backs the mapping.
-        let caps = [256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 5 << 20];
+        let caps = [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 5 << 20];
         let mut held = Vec::new();
         for cap in caps {
             for _ in 0..12 {
