@@ -5,8 +5,9 @@
 //! `uring`). Every buffer the kernel may touch is an `IoBuf`: memory
 //! aligned to [`IO_ALIGN`] (from the heap when small, in huge pages and
 //! aligned to its own size from 64 KiB up), always initialised (fresh
-//! buffers are zeroed, pooled ones hold old data), owned by exactly one value at a time. An
-//! in-flight operation owns its `IoBuf` until its completion hands it back.
+//! buffers are zeroed, pooled ones hold old data), owned by exactly one
+//! value at a time. An in-flight operation owns its `IoBuf` until its
+//! completion hands it back.
 
 use std::alloc::{self, Layout};
 use std::cell::RefCell;
