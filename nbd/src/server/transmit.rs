@@ -4,9 +4,9 @@
 //! once — many in flight, completing in any order. Write payloads go from
 //! the socket straight into the request's I/O buffer. Completions (plain
 //! callbacks, no task per request) queue replies; the writer sends them in
-//! vectored writes, read data included without a user-space copy: any number of
-//! replies without data per write, but read data only a little at a time
-//! (see [`REPLY_WRITE_DATA_MAX`]).
+//! vectored writes, read data included without a user-space copy: any
+//! number of replies without data per write, but read data only a little
+//! at a time (see [`REPLY_WRITE_DATA_MAX`]).
 //!
 //! Memory is bounded: the reader stops taking requests while
 //! [`INFLIGHT_MAX`] requests or [`INFLIGHT_BYTES_MAX`] bytes are in flight
