@@ -903,6 +903,7 @@ fn run_case(cfg: &Config, dir: &Path) -> Outcome {
     shared.push(Ev::Kill);
     d.signal(nix::sys::signal::Signal::SIGKILL);
     let status = d.wait_exit();
+    support::wait_unlocked_dir(dir);
     shared.stop.store(true, Ordering::Relaxed);
     let writer_errors = writer.join().expect("writer thread");
     events.join().expect("event thread");

@@ -15,6 +15,11 @@ use std::sync::Arc;
 use crate::error::{BdevError, IoError};
 use crate::graph::Node;
 use crate::io::{BlockStatus, Done, Io};
+use crate::lock::Perms;
+
+/// Where the device layer sends QMP events (`BLOCK_IMAGE_CORRUPTED`): the
+/// daemon's event bus. Callable from any reactor.
+pub type EventSink = Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
 
 /// A future on one reactor, boxed (control path and slow paths only).
 pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
@@ -57,6 +62,20 @@ pub trait Bdev: Send + Sync + 'static {
         _format: Option<&str>,
     ) -> Result<(), BdevError> {
         Err(BdevError::Unsupported(format!("driver '{}' has no backing file", self.driver())))
+    }
+
+    /// The node's claims now add up to `perms` (what its users do and what
+    /// they let others do). Drivers over files turn this into image locks
+    /// and refuse what another user of the file forbids; an error leaves
+    /// the previous permissions in force.
+    fn set_perms(&self, _perms: Perms) -> Result<(), BdevError> {
+        Ok(())
+    }
+
+    /// The image-lock group of a file node, which a twin of the image
+    /// joins (see [`crate::Graph::add_twin`]).
+    fn lock_group(&self) -> Option<u64> {
+        None
     }
 
     /// Called once, on the main reactor, after the node was flushed and

@@ -81,8 +81,19 @@ pub enum BdevError {
     InUse { name: String, holders: String },
     #[error("Node '{name}' is read-only; {what} needs write access")]
     ReadOnly { name: String, what: String },
-    #[error("Node '{name}' is claimed for exclusive writing by {holder}")]
-    Conflict { name: String, holder: String },
+    /// Two users of a node need what the other does not share (QEMU's wording).
+    #[error(
+        "Permission conflict on node '{name}': permissions '{perms}' are both required by {required_by} and unshared by {unshared_by}."
+    )]
+    Conflict { name: String, perms: String, required_by: String, unshared_by: String },
+    /// A job is about to move the node's users elsewhere.
+    #[error(
+        "Node '{name}' is about to be replaced by {job}: it takes no new users until the job ends (add them before the job starts, and they move along)"
+    )]
+    Replaced { name: String, job: String },
+    /// An image lock (of this process or another) forbids the access.
+    #[error("{0}")]
+    Locked(String),
     #[error("Could not open '{path}': {source}")]
     Open { path: String, source: std::io::Error },
     #[error("{what} failed: {source}")]

@@ -19,9 +19,10 @@ use reactor::Handle;
 use serde_json::{Value, json};
 
 use crate::backend::Backend;
-use crate::bdev::Bdev;
+use crate::bdev::{Bdev, EventSink};
 use crate::channel::{BlockChannel, ChannelPolicy, cached_channel, drop_cached_channel};
 use crate::error::BdevError;
+use crate::lock::Perms;
 use crate::options::{CommonOptions, OptReader, validate_node_name};
 
 /// Opens a device for a driver. Reads its own options from the reader and
@@ -31,27 +32,21 @@ pub type OpenFn = fn(&mut OpenCtx<'_>, OptReader) -> Result<Arc<dyn Bdev>, BdevE
 
 static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// What a claim allows its holder to do.
+/// What a claim allows its holder to do (the usual cases of [`Perms`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Read,
     /// Write, sharing with other writers.
     Write,
-    /// Write, and nobody else may (a job's target, a mirror source's owner).
+    /// Write, and nobody else may read or write (a job's target).
     ExclusiveWrite,
-}
-
-impl Access {
-    fn writes(self) -> bool {
-        !matches!(self, Access::Read)
-    }
 }
 
 #[derive(Debug)]
 struct ClaimEntry {
     id: u64,
     holder: String,
-    access: Access,
+    perms: Perms,
     /// Held by a parent node (a child link), not by a user or a job.
     parent: bool,
 }
@@ -76,7 +71,14 @@ impl std::fmt::Debug for Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.node.claims.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.id != self.id);
+        let mut claims = self.node.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.retain(|c| c.id != self.id);
+        let union = claims.iter().fold(Perms::NONE, |u, c| u.union(c.perms));
+        // Giving permissions up cannot conflict; a failure only leaves a
+        // lock held longer than needed.
+        if let Err(e) = self.node.bdev.set_perms(union) {
+            tracing::error!(node = %self.node.name, error = %e, "releasing permissions failed");
+        }
     }
 }
 
@@ -110,6 +112,10 @@ pub struct Node {
     next_claim: AtomicU64,
     /// Backends whose root this node is.
     users: Mutex<Vec<std::sync::Weak<Backend>>>,
+    /// Set while a job is about to move this node's users elsewhere (a
+    /// mirror's source): new users would be left behind on a node nobody
+    /// else writes any more, so there are none until it is cleared.
+    replaced_by: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -187,32 +193,54 @@ impl Node {
     }
 
     /// Puts the node in use for `holder` (a person-readable name such as
-    /// "export 'e0'"). Fails when the access conflicts with existing claims.
-    pub fn claim(self: &Arc<Self>, holder: impl Into<String>, access: Access) -> Result<Claim, BdevError> {
-        self.claim_as(holder.into(), access, false)
+    /// "export 'e0'"). Fails when what the holder needs or refuses to
+    /// share conflicts with existing claims, or with an image lock.
+    pub fn claim(self: &Arc<Self>, holder: impl Into<String>, perms: impl Into<Perms>) -> Result<Claim, BdevError> {
+        self.claim_as(holder.into(), perms.into(), false)
     }
 
     /// Claims the node for a parent node's child link.
-    pub fn claim_as_child(self: &Arc<Self>, holder: impl Into<String>, access: Access) -> Result<Claim, BdevError> {
-        self.claim_as(holder.into(), access, true)
+    pub fn claim_as_child(
+        self: &Arc<Self>,
+        holder: impl Into<String>,
+        perms: impl Into<Perms>,
+    ) -> Result<Claim, BdevError> {
+        self.claim_as(holder.into(), perms.into(), true)
     }
 
-    fn claim_as(self: &Arc<Self>, holder: String, access: Access, parent: bool) -> Result<Claim, BdevError> {
-        if access.writes() && self.read_only() {
+    fn claim_as(self: &Arc<Self>, holder: String, perms: Perms, parent: bool) -> Result<Claim, BdevError> {
+        if let Some(job) = self.replaced_by.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Err(BdevError::Replaced { name: self.name.clone(), job: job.clone() });
+        }
+        let perms = if self.common.force_share { perms.sharing_all() } else { perms };
+        if perms.writes() && self.read_only() {
             return Err(BdevError::ReadOnly { name: self.name.clone(), what: holder });
         }
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let conflict = claims.iter().find(|c| match access {
-            Access::Read => false,
-            Access::Write => c.access == Access::ExclusiveWrite,
-            Access::ExclusiveWrite => c.access.writes(),
-        });
-        if let Some(c) = conflict {
-            return Err(BdevError::Conflict { name: self.name.clone(), holder: c.holder.clone() });
+        for c in claims.iter() {
+            let conflict = match perms.conflicts(c.perms) {
+                (0, 0) => continue,
+                (needed, 0) => (needed, holder.clone(), c.holder.clone()),
+                (_, unshared) => (unshared, c.holder.clone(), holder.clone()),
+            };
+            return Err(BdevError::Conflict {
+                name: self.name.clone(),
+                perms: crate::lock::perm::names(conflict.0),
+                required_by: conflict.1,
+                unshared_by: conflict.2,
+            });
         }
+        let union = claims.iter().fold(perms, |u, c| u.union(c.perms));
+        self.bdev.set_perms(union)?;
         let id = self.next_claim.fetch_add(1, Ordering::Relaxed);
-        claims.push(ClaimEntry { id, holder, access, parent });
+        claims.push(ClaimEntry { id, holder, perms, parent });
         Ok(Claim { node: Arc::clone(self), id })
+    }
+
+    /// Refuses new claims while `job` (a holder name such as "job 'm'")
+    /// prepares to move this node's users away; None lifts that.
+    pub fn set_replaced_by(&self, job: Option<String>) {
+        *self.replaced_by.lock().unwrap_or_else(|e| e.into_inner()) = job;
     }
 
     /// Who holds claims on this node.
@@ -311,12 +339,20 @@ impl OpenCtx<'_> {
     }
 
     /// Resolves a child reference — a node name, or an inline options object
-    /// (creating an implicit node) — and claims it for this node.
-    pub fn open_child(&mut self, role: &'static str, reference: Value, access: Access) -> Result<Arc<Node>, BdevError> {
+    /// (creating an implicit node, which inherits `read-only` and
+    /// `force-share` as in QEMU) — and claims it for this node.
+    pub fn open_child(&mut self, role: &'static str, reference: Value, perms: Perms) -> Result<Arc<Node>, BdevError> {
+        let perms = if self.common.force_share { perms.sharing_all() } else { perms };
         let node = match reference {
             Value::String(name) => self.graph.get(&name)?,
-            Value::Object(_) => {
-                let node = self.graph.open_node(reference, None)?;
+            Value::Object(mut map) => {
+                if self.common.read_only {
+                    map.entry("read-only").or_insert(Value::Bool(true));
+                }
+                if self.common.force_share {
+                    map.entry("force-share").or_insert(Value::Bool(true));
+                }
+                let node = self.graph.open_node(Value::Object(map), None)?;
                 self.created.push(node.name.clone());
                 node
             }
@@ -324,9 +360,20 @@ impl OpenCtx<'_> {
                 return Err(BdevError::invalid(format!("Invalid parameter type for '{role}', expected: BlockdevRef")));
             }
         };
-        let claim = node.claim_as_child(format!("node '{}' ({role} child)", self.node_name), access)?;
+        let claim = node.claim_as_child(format!("node '{}' ({role} child)", self.node_name), perms)?;
         self.children.push(Child { role, claim });
         Ok(node)
+    }
+
+    /// Where events go, if anywhere.
+    pub fn events(&self) -> Option<EventSink> {
+        self.graph.events.clone()
+    }
+
+    /// The image-lock group files opened for this node join (see
+    /// [`Graph::add_twin`]); None: each file is its own.
+    pub fn lock_group(&self) -> Option<u64> {
+        self.graph.lock_group
     }
 }
 
@@ -339,6 +386,10 @@ pub struct Graph {
     drivers: HashMap<&'static str, OpenFn>,
     main: Handle,
     reactors: Vec<Handle>,
+    /// Set while a twin opens: its files join this image-lock group.
+    lock_group: Option<u64>,
+    /// Where drivers send events.
+    events: Option<EventSink>,
 }
 
 impl Graph {
@@ -353,9 +404,17 @@ impl Graph {
             drivers: HashMap::new(),
             main: reactors[0].clone(),
             reactors,
+            lock_group: None,
+            events: None,
         };
         crate::drivers::register_builtin(&mut g);
         g
+    }
+
+    /// Sends the drivers' events (`BLOCK_IMAGE_CORRUPTED`) to `sink`, for
+    /// nodes opened from now on.
+    pub fn set_events(&mut self, sink: EventSink) {
+        self.events = Some(sink);
     }
 
     pub fn register_driver(&mut self, name: &'static str, open: OpenFn) {
@@ -408,11 +467,22 @@ impl Graph {
         self.open_node(options, Some(name))
     }
 
-    /// Opens a node Spindle needs for itself (a writable twin of a
-    /// read-only image for a commit): implicit, with a generated name
-    /// unless the options give one.
+    /// Opens a node Spindle needs for itself: implicit, with a generated
+    /// name unless the options give one.
     pub fn add_implicit(&mut self, options: Value) -> Result<Arc<Node>, BdevError> {
         self.open_node(options, None)
+    }
+
+    /// Opens the same image as `original` again, from `options` (a writable
+    /// twin of a read-only image for a commit): implicit, and its file
+    /// shares `original`'s image locks instead of conflicting with them.
+    pub fn add_twin(&mut self, original: &Arc<Node>, options: Value) -> Result<Arc<Node>, BdevError> {
+        let file = original.children().into_iter().find(|(r, _)| *r == "file").map(|(_, n)| n);
+        let group = file.as_deref().unwrap_or(original).bdev().lock_group();
+        self.lock_group = group;
+        let res = self.open_node(options, None);
+        self.lock_group = None;
+        res
     }
 
     fn open_node(&mut self, options: Value, name: Option<String>) -> Result<Arc<Node>, BdevError> {
@@ -475,6 +545,7 @@ impl Graph {
             claims: Mutex::new(Vec::new()),
             next_claim: AtomicU64::new(1),
             users: Mutex::new(Vec::new()),
+            replaced_by: Mutex::new(None),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);
@@ -516,6 +587,7 @@ impl Graph {
             claims: Mutex::new(Vec::new()),
             next_claim: AtomicU64::new(1),
             users: Mutex::new(Vec::new()),
+            replaced_by: Mutex::new(None),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);
@@ -538,12 +610,24 @@ impl Graph {
         parent: &Arc<Node>,
         role: &'static str,
         new: Option<&Arc<Node>>,
-        access: Access,
+        perms: Perms,
     ) -> Result<(), BdevError> {
-        let claim = match new {
-            Some(n) => Some(n.claim_as_child(format!("node '{}' ({role} child)", parent.name), access)?),
-            None => None,
-        };
+        let claim = Self::claim_child(parent, role, new, perms)?;
+        self.swap_child(parent, role, claim);
+        Ok(())
+    }
+
+    fn claim_child(
+        parent: &Arc<Node>,
+        role: &'static str,
+        new: Option<&Arc<Node>>,
+        perms: Perms,
+    ) -> Result<Option<Claim>, BdevError> {
+        let perms = if parent.common.force_share { perms.sharing_all() } else { perms };
+        new.map(|n| n.claim_as_child(format!("node '{}' ({role} child)", parent.name), perms)).transpose()
+    }
+
+    fn swap_child(&mut self, parent: &Arc<Node>, role: &'static str, claim: Option<Claim>) {
         let old = {
             let mut children = parent.children.lock().unwrap_or_else(|e| e.into_inner());
             let old = children.iter().position(|c| c.role == role).map(|i| children.remove(i));
@@ -557,11 +641,12 @@ impl Graph {
             drop(old);
             self.collect_orphan(&node);
         }
-        Ok(())
     }
 
     /// Re-points `node`'s backing to `backing` (or none), writing `name`
-    /// and `format` into its image, and moves the child link.
+    /// and `format` into its image, and moves the child link. The new
+    /// backing is claimed before anything is written, so a conflict
+    /// changes nothing.
     pub fn change_backing(
         &mut self,
         node: &Arc<Node>,
@@ -569,8 +654,10 @@ impl Graph {
         name: Option<&str>,
         format: Option<&str>,
     ) -> Result<(), BdevError> {
+        let claim = Self::claim_child(node, "backing", backing, Perms::backing())?;
         node.bdev.change_backing(backing, name, format)?;
-        self.relink_child(node, "backing", backing, Access::Read)
+        self.swap_child(node, "backing", claim);
+        Ok(())
     }
 
     /// Removes `node` and its chain below if they are implicit and nobody holds them.

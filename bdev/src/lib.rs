@@ -17,6 +17,8 @@
 //!   ([`Channel`], data plane).
 //! - [`channel`]: the common front door and the `async` helpers.
 //! - [`graph`]: named nodes, children, claims; `blockdev-add`/`-del`.
+//! - [`lock`]: permissions of claims, QEMU-compatible image locks, and the
+//!   registry of open files that keeps files in use from being recreated.
 //! - [`options`]: QEMU-shaped option reading.
 //! - [`forward`]: channels that send requests to a driver's home reactor.
 //! - [`drivers`]: `file`, `malloc`, `null-co`.
@@ -35,12 +37,14 @@ pub mod error;
 pub mod forward;
 pub mod graph;
 pub mod io;
+pub mod lock;
 pub mod options;
 
 pub use backend::{Backend, BackendChannel};
-pub use bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
+pub use bdev::{Bdev, BdevInfo, Channel, EventSink, LocalBoxFuture};
 pub use channel::{BlockChannel, ChannelPolicy, IO_BYTES_MAX, IoFuture};
 pub use error::{BdevError, IoError};
 pub use graph::{Access, Child, Claim, Graph, Node, OpenCtx, OpenFn};
 pub use io::{BlockStatus, Done, Io, IoDone, IoFlags, IoKind};
+pub use lock::{CreateLock, LockMode, Perms};
 pub use options::{CommonOptions, DetectZeroes, DirectMode, DiscardMode, OptReader};

@@ -157,6 +157,9 @@ pub struct CommonOptions {
     pub driver: String,
     pub read_only: bool,
     pub auto_read_only: bool,
+    /// Shares every permission with other users, also of other processes
+    /// (read-only nodes only).
+    pub force_share: bool,
     pub direct: DirectMode,
     pub no_flush: bool,
     pub discard: DiscardMode,
@@ -169,7 +172,10 @@ impl CommonOptions {
         let driver = opts.str_req("driver")?;
         let read_only = opts.bool_opt("read-only")?.unwrap_or(false);
         let auto_read_only = opts.bool_opt("auto-read-only")?.unwrap_or(false);
-        let _force_share = opts.bool_opt("force-share")?;
+        let force_share = opts.bool_opt("force-share")?.unwrap_or(false);
+        if force_share && !read_only {
+            return Err(BdevError::invalid("force-share=on can only be used with read-only images"));
+        }
         let (direct, no_flush) = match opts.object_opt("cache")? {
             None => (DirectMode::Auto, false),
             Some(mut cache) => {
@@ -197,6 +203,7 @@ impl CommonOptions {
             driver,
             read_only,
             auto_read_only,
+            force_share,
             direct,
             no_flush,
             discard,

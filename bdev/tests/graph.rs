@@ -55,9 +55,13 @@ fn add_errors_use_qemu_wording() {
         err(&mut env, json!({"driver": "malloc", "node-name": "m", "size": 1000})),
         "size 1000 must be a non-zero multiple of the block size 512"
     );
-    assert!(
-        err(&mut env, json!({"driver": "file", "node-name": "f3", "filename": f, "locking": "on"}))
-            .contains("locking=on")
+    assert_eq!(
+        err(&mut env, json!({"driver": "file", "node-name": "f3", "filename": f, "locking": "maybe"})),
+        "Parameter 'locking' does not accept value 'maybe'"
+    );
+    assert_eq!(
+        err(&mut env, json!({"driver": "file", "node-name": "f3", "filename": f, "force-share": true})),
+        "force-share=on can only be used with read-only images"
     );
     // Nothing half-made survives a failed add.
     assert_eq!(env.graph.len(), 1);
@@ -126,12 +130,21 @@ fn claims_enforce_exclusive_writers_and_read_only() {
     let w1 = m.claim("export 'b'", Access::Write).unwrap();
     let w2 = m.claim("export 'c'", Access::Write).unwrap();
     let e = m.claim("job 'j'", Access::ExclusiveWrite).unwrap_err().to_string();
-    assert_eq!(e, "Node 'm' is claimed for exclusive writing by export 'b'");
-    drop((w1, w2));
+    assert_eq!(
+        e,
+        "Permission conflict on node 'm': permissions 'consistent read' are both required by export 'a' \
+         and unshared by job 'j'."
+    );
+    drop((w1, w2, r1));
+    // An exclusive writer lets nobody else read or write.
     let x = m.claim("job 'j'", Access::ExclusiveWrite).unwrap();
-    assert!(m.claim("export 'd'", Access::Write).is_err());
-    assert!(m.claim("export 'e'", Access::Read).is_ok());
-    drop((x, r1));
+    assert_eq!(
+        m.claim("export 'd'", Access::Write).unwrap_err().to_string(),
+        "Permission conflict on node 'm': permissions 'consistent read, write' are both required by export 'd' \
+         and unshared by job 'j'."
+    );
+    assert!(m.claim("export 'e'", Access::Read).is_err());
+    drop(x);
     assert!(m.holders().is_empty());
 
     let dir = tempfile::tempdir().unwrap();

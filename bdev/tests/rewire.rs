@@ -89,8 +89,11 @@ fn a_qcow2_image_is_repointed_to_another_backing_node() {
         // Make base hold what mid holds (what a commit does), then skip mid.
         let data = env.on(0, &mid_node, |ch| async move { ch.read(MIB, MIB as usize).await.unwrap() });
         assert!(data.iter().all(|&b| b == 0x22));
-        let base_rw = env.add(json!({"driver": "qcow2", "node-name": "base-rw",
-            "file": {"driver": "file", "filename": base}}));
+        // A second read-write open of the image in use is refused, a twin is not.
+        let rw = json!({"driver": "qcow2", "node-name": "base-rw", "file": {"driver": "file", "filename": base}});
+        let e = env.graph.add(rw.clone()).unwrap_err().to_string();
+        assert_eq!(e, "Failed to get \"write\" lock");
+        let base_rw = env.graph.add_twin(&base_node, rw).unwrap();
         env.on(0, &base_rw, move |ch| async move { ch.write(MIB, data, IoFlags::NONE).await.1.unwrap() });
         env.graph.change_backing(&top_node, Some(&base_rw), Some(&base), Some("qcow2")).unwrap();
         let names: Vec<String> = env.graph.nodes().map(|n| n.name().to_string()).collect();

@@ -57,7 +57,8 @@ pub fn format_name(base: &Node, mask_protocol: bool) -> String {
 
 /// A node to write `node`'s image through: `node` itself if writable,
 /// else a writable twin opened from the same options (sharing its backing
-/// node). The flag says whether a twin was made.
+/// node, and its image locks: the two are one image to everyone else).
+/// The flag says whether a twin was made.
 pub fn writable(graph: &mut Graph, node: &Arc<Node>) -> Result<(Arc<Node>, bool), JobError> {
     if !node.read_only() {
         return Ok((Arc::clone(node), false));
@@ -85,7 +86,7 @@ pub fn writable(graph: &mut Graph, node: &Arc<Node>) -> Result<(Arc<Node>, bool)
         map.insert("backing".into(), backing.map_or(Value::Null, |b| Value::String(b.name().to_string())));
     }
     let twin = graph
-        .add_implicit(opts)
+        .add_twin(node, opts)
         .map_err(|e| JobError::Failed(format!("Could not reopen '{}' read-write: {e}", node.name())))?;
     Ok((twin, true))
 }

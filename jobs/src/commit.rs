@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use bdev::{Access, BdevError, Graph, IoFlags, Node};
+use bdev::{BdevError, Graph, IoFlags, Node, Perms};
 
 use crate::chain::{self, filename, format_name};
 use crate::copies::{Next, Walk};
@@ -121,7 +121,8 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, a: CommitArgs) -> Result<
 
     let overlay = Arc::clone(&chain[top_i - 1]);
     let holder = format!("job '{}'", a.job_id);
-    let claim = match base_w.claim(holder.clone(), Access::Write) {
+    // The data written into base is what the layers above already show.
+    let claim = match base_w.claim(holder.clone(), Perms::write_unchanged()) {
         Ok(c) => c,
         Err(e) => {
             drop_twin(graph);

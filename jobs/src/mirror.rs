@@ -29,7 +29,7 @@ use std::time::Duration;
 use bdev::forward::ForwardChannel;
 use bdev::{
     Access, Backend, Bdev, BdevError, BdevInfo, BlockChannel, BlockStatus, Channel, Child, Claim, Done, Graph, Io,
-    IoDone, IoError, IoFlags, IoKind, LocalBoxFuture, Node,
+    IoDone, IoError, IoFlags, IoKind, LocalBoxFuture, Node, Perms,
 };
 use reactor::{Handle, IoBuf};
 use slab::Slab;
@@ -421,8 +421,10 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
     }
     let holder = format!("job '{}'", cfg.job_id);
     let bdev_err = |e: BdevError| JobError::Failed(e.to_string());
-    let target_claim =
-        target.claim(holder.clone(), Access::ExclusiveWrite).map_err(|e| JobError::Busy(e.to_string()))?;
+    // A commit's target is a layer of the source's own chain: what it
+    // receives is what the layers above it already show.
+    let target_perms = if is_commit { Perms::write_unchanged() } else { Perms::exclusive_write() };
+    let target_claim = target.claim(holder.clone(), target_perms).map_err(|e| JobError::Busy(e.to_string()))?;
     let source_claim = source.claim(holder.clone(), Access::Read).map_err(bdev_err)?;
 
     // The filter over the source, its state on the home reactor.
@@ -511,6 +513,8 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
         }
     }
 
+    // From now on the source's users are the filter's, and move with it.
+    source.set_replaced_by(Some(holder.clone()));
     let hooks = MirrorHooks {
         id,
         home: home.clone(),
@@ -546,8 +550,9 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
             hooks: Box::new(hooks),
             run,
         },
-    )?;
-    Ok(())
+    )
+    // Checked above already; should it fail anyway, the source is free again.
+    .inspect_err(|_| source.set_replaced_by(None))
 }
 
 /// Marks what the initial copy covers; returns the bytes marked. Ranges
@@ -835,6 +840,7 @@ struct MirrorHooks {
 impl MirrorHooks {
     /// Routes the filter and moves its users to `to`.
     fn switch(&mut self, to_target: bool) -> Result<(), String> {
+        self.source.set_replaced_by(None);
         let id = self.id;
         let phase = if to_target { Phase::ToTarget } else { Phase::ToSource };
         let _ = self
@@ -879,6 +885,7 @@ impl JobHooks for MirrorHooks {
     }
 
     fn clean(&mut self, graph: &mut Graph, _job: &JobShared) {
+        self.source.set_replaced_by(None);
         self.target_claim = None;
         if let Some(f) = self.filter.take() {
             let name = f.name().to_string();

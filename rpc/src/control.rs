@@ -75,6 +75,8 @@ impl Control {
         // The NBD client lives in the nbd crate, above the device layer.
         graph.register_driver(nbd::client::DRIVER_NAME, nbd::client::open);
         let bus = Arc::clone(&events);
+        graph.set_events(Arc::new(move |name: &str, data: Value| bus.emit(name, data)));
+        let bus = Arc::clone(&events);
         let jobs = JobManager::new(reactors[0].clone(), Arc::new(move |name: &str, data: Value| bus.emit(name, data)));
         Control {
             graph,
@@ -237,7 +239,9 @@ pub fn bdev_error(e: BdevError) -> RpcError {
         BdevError::InvalidParam(_) | BdevError::Unsupported(_) => RpcError::invalid_params(msg),
         BdevError::NodeNotFound(_) => RpcError::not_found(msg),
         BdevError::DuplicateNode(_) => RpcError::exists(msg),
-        BdevError::InUse { .. } | BdevError::Conflict { .. } => RpcError::busy(msg),
+        BdevError::InUse { .. } | BdevError::Conflict { .. } | BdevError::Locked(_) | BdevError::Replaced { .. } => {
+            RpcError::busy(msg)
+        }
         BdevError::ReadOnly { .. } | BdevError::Open { .. } | BdevError::Io { .. } => RpcError::failed(msg),
         BdevError::ReactorGone => RpcError::internal(msg),
     }

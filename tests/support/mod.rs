@@ -265,3 +265,38 @@ pub fn qemu_io(image: &Path, command: &str) -> String {
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
+
+/// Waits until no process holds QEMU-style image locks on the regular
+/// files in `dir`. After a SIGKILL the kernel releases a process's locks
+/// with its last reference to each file, and io_uring requests still in
+/// flight at the kill hold such references a little longer than the
+/// process lives.
+pub fn wait_unlocked_dir(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() || path.is_symlink() {
+            continue;
+        }
+        while locked(&path) {
+            assert!(Instant::now() < deadline, "{} stays locked after its daemon died", path.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// True when another open file description holds one of QEMU's lock bytes.
+fn locked(path: &Path) -> bool {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let Ok(f) = std::fs::File::open(path) else { return false };
+    (100..104).chain(200..204).any(|start| {
+        let mut fl = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: start,
+            l_len: 1,
+            l_pid: 0,
+        };
+        fcntl(&f, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok() && fl.l_type != libc::F_UNLCK as libc::c_short
+    })
+}

@@ -36,8 +36,9 @@ use serde_json::{Map, Value, json};
 use crate::bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
 use crate::channel::BlockChannel;
 use crate::error::{BdevError, IoError};
-use crate::graph::{Access, Node, OpenCtx};
+use crate::graph::{Node, OpenCtx};
 use crate::io::{BlockStatus, Done, Io, IoKind};
+use crate::lock::Perms;
 use crate::options::OptReader;
 
 /// QEMU's sector: `sector` counts 512-byte units whatever the block size.
@@ -256,8 +257,8 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     }
     opts.finish()?;
     let read_only = ctx.common().read_only;
-    let access = if read_only { Access::Read } else { Access::Write };
-    let image = ctx.open_child("image", image, access)?;
+    let perms = if read_only { Perms::read() } else { Perms::write() };
+    let image = ctx.open_child("image", image, perms)?;
     let read_only = read_only || image.read_only();
     let dev = Arc::new(BlkdebugBdev { image, read_only, rules: Arc::new(Rules::new(rules)) });
     devices().insert(address(dev.as_ref()), Arc::downgrade(&dev));

@@ -34,8 +34,9 @@ use slab::Slab;
 use crate::bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
 use crate::channel::BlockChannel;
 use crate::error::{BdevError, IoError};
-use crate::graph::{Access, Node, OpenCtx};
+use crate::graph::{Node, OpenCtx};
 use crate::io::{BlockStatus, Done, Io, IoDone, IoKind};
+use crate::lock::Perms;
 use crate::options::OptReader;
 
 /// Largest latency accepted (an hour): beyond it a request would outlive
@@ -84,7 +85,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     let flush = latency_opt("flush-latency-ns", all)?;
     opts.finish()?;
     let read_only = ctx.common().read_only;
-    let file = ctx.open_child("file", file, if read_only { Access::Read } else { Access::Write })?;
+    let file = ctx.open_child("file", file, if read_only { Perms::read() } else { Perms::write() })?;
     let read_only = read_only || file.read_only();
     let latency = [read, write, flush].map(Duration::from_nanos);
     Ok(Arc::new(DelayBdev { file, read_only, latency }))

@@ -10,8 +10,9 @@ use slab::Slab;
 use crate::bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
 use crate::channel::BlockChannel;
 use crate::error::{BdevError, IoError};
-use crate::graph::{Access, Node, OpenCtx};
+use crate::graph::{Node, OpenCtx};
 use crate::io::{BlockStatus, Done, Io, IoDone};
+use crate::lock::Perms;
 use crate::options::OptReader;
 
 pub struct RawBdev {
@@ -27,8 +28,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     let size = opts.u64_opt("size")?;
     opts.finish()?;
     let read_only = ctx.common().read_only;
-    let access = if read_only { Access::Read } else { Access::Write };
-    let file = ctx.open_child("file", file, access)?;
+    let file = ctx.open_child("file", file, Perms::data_file(!read_only))?;
     let file_size = file.size();
     let size = size.unwrap_or(file_size.saturating_sub(offset));
     if offset.checked_add(size).is_none_or(|end| end > file_size) {

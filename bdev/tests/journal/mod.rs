@@ -36,8 +36,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bdev::{
-    Access, Bdev, BdevError, BdevInfo, BlockChannel, BlockStatus, Channel, Done, Graph, Io, IoDone, IoError, IoFlags,
-    IoKind, LocalBoxFuture, Node, OpenCtx, OptReader,
+    Bdev, BdevError, BdevInfo, BlockChannel, BlockStatus, Channel, Done, Graph, Io, IoDone, IoError, IoFlags, IoKind,
+    LocalBoxFuture, Node, OpenCtx, OptReader, Perms,
 };
 
 pub const DRIVER: &str = "x-journal";
@@ -195,7 +195,7 @@ fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>, Bde
     }
     let journal = Journal::find(&key).ok_or_else(|| BdevError::invalid(format!("no journal '{key}'")))?;
     let read_only = ctx.common().read_only;
-    let file = ctx.open_child("file", file, if read_only { Access::Read } else { Access::Write })?;
+    let file = ctx.open_child("file", file, if read_only { Perms::read() } else { Perms::write() })?;
     let read_only = read_only || file.read_only();
     let block_size = (block_size as u32).max(file.bdev().block_size());
     Ok(Arc::new(JournalBdev { file, journal, block_size, read_only }))

@@ -8,7 +8,8 @@
 
 use std::time::Instant;
 
-use bdev::{IoFlags, Node};
+use bdev::lock::perm;
+use bdev::{IoFlags, Node, Perms};
 use reactor::IoBuf;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +40,15 @@ pub(super) fn x_debug_io(ctl: &mut Control, params: Option<Value>) -> Result<Val
     {
         return Err(RpcError::invalid_params(format!("read -v dumps at most {DUMP_BYTES_MAX} bytes")));
     }
+    // Writes need the write permission for their duration, as qemu-io's
+    // do: a node whose users forbid writes (a backing file, a job's
+    // target) refuses them. Reads take nothing; a read-only node refuses
+    // writes in the device layer.
+    let writes = matches!(cmd, IoCommand::Write { .. } | IoCommand::Discard { .. }) && !node.read_only();
+    let _claim = match writes {
+        true => Some(node.claim("x-debug-io", Perms { perm: perm::WRITE, shared: perm::ALL }).map_err(bdev_error)?),
+        false => None,
+    };
     let out = ctl
         .main_reactor()
         .run(move || async move { execute(&node, cmd).await })

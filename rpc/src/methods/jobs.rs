@@ -11,6 +11,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use bdev::BdevError;
+
 use crate::control::{Control, bdev_error, job_error};
 use crate::error::RpcError;
 use crate::registry::decode;
@@ -457,7 +459,11 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
         } else {
             create_raw(&path, size)
         };
-        made.map_err(|e| RpcError::failed(format!("Could not create '{}': {e}", p.target)))?;
+        made.map_err(|e| match e {
+            // QEMU's words, as qemu-storage-daemon answers.
+            BdevError::Locked(_) => bdev_error(e),
+            e => RpcError::failed(format!("Could not create '{}': {e}", p.target)),
+        })?;
         if format == "qcow2" {
             // A target over the source itself gets that backing at the
             // pivot: until then the source must stay a root.

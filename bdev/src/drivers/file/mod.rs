@@ -23,6 +23,7 @@ use crate::bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
 use crate::error::{BdevError, IoError};
 use crate::graph::OpenCtx;
 use crate::io::BlockStatus;
+use crate::lock::{ImageLock, LockMode, Perms};
 use crate::options::{DirectMode, OptReader};
 
 /// Alignments tried, smallest first, when probing O_DIRECT.
@@ -50,6 +51,8 @@ pub struct FileBdev {
     /// so a copy walking a large file asks once, not once per chunk.
     /// Writes only add data; discards and zeroing forget it.
     data_extent: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The file's entry among the open files, and its image locks.
+    lock: ImageLock,
 }
 
 pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>, BdevError> {
@@ -58,11 +61,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     // configurations written for QEMU carry over.
     opts.enum_opt("aio", &["io_uring", "threads", "native"])?;
     let _max_batch = opts.u64_opt("aio-max-batch")?;
-    if let Some(locking) = opts.enum_opt("locking", &["auto", "on", "off"])?
-        && locking == "on"
-    {
-        return Err(BdevError::Unsupported("locking=on is not supported: Spindle does not take image locks".into()));
-    }
+    let locking = LockMode::parse(opts.enum_opt("locking", &["auto", "on", "off"])?.as_deref());
     let _drop_cache = opts.bool_opt("drop-cache")?;
     opts.finish()?;
     let common = ctx.common().clone();
@@ -79,6 +78,8 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     };
     let tmpfs = !is_block_device && on_tmpfs(&file);
     let (file, direct, block_size) = choose_direct(&path, file, read_only, common.direct, tmpfs)?;
+    // Holds nothing until a parent or user claims the node.
+    let lock = ImageLock::register(&file, &path, ctx.node_name(), locking, ctx.lock_group())?;
     let fd: OwnedFd = file.into();
     Ok(Arc::new(FileBdev {
         path,
@@ -92,6 +93,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         punt: tmpfs,
         zero_range_ok: AtomicBool::new(true),
         data_extent: std::sync::Mutex::new(None),
+        lock,
     }))
 }
 
@@ -231,6 +233,14 @@ impl Bdev for FileBdev {
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
         Ok(uring::FileChannel::new(self))
+    }
+
+    fn set_perms(&self, perms: Perms) -> Result<(), BdevError> {
+        self.lock.set_perms(perms)
+    }
+
+    fn lock_group(&self) -> Option<u64> {
+        Some(self.lock.group())
     }
 
     fn info(&self) -> BdevInfo {

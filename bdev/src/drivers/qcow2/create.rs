@@ -14,6 +14,7 @@ use std::path::Path;
 use super::entry::refcount;
 use super::header::{self, Extension, Header, ext};
 use crate::error::BdevError;
+use crate::lock::CreateLock;
 
 /// QEMU's default cluster size.
 pub const CLUSTER_SIZE_DEFAULT: u64 = 64 << 10;
@@ -31,7 +32,8 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
 }
 
-/// Creates (or truncates) `path` as an empty qcow2 image.
+/// Creates (or truncates) `path` as an empty qcow2 image. A file that a
+/// node has open, here or in another process, is refused and left as it is.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
     let cs = opts.cluster_size.unwrap_or(CLUSTER_SIZE_DEFAULT);
     if !cs.is_power_of_two() || !(1 << header::CLUSTER_BITS_MIN..=1 << header::CLUSTER_BITS_MAX).contains(&cs) {
@@ -88,7 +90,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
         refcount::set(&mut block, REFCOUNT_ORDER_DEFAULT, c as usize, 1);
     }
     let io = |source: std::io::Error| BdevError::Open { path: path.display().to_string(), source };
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(path).map_err(io)?;
+    let guard = CreateLock::acquire(path)?;
+    let mut f = guard.file();
+    f.set_len(0).map_err(io)?;
     f.write_all(&head).map_err(io)?;
     f.write_all_at(&table, rt).map_err(io)?;
     f.write_all_at(&block, rb).map_err(io)?;
@@ -119,9 +123,13 @@ fn feature_names() -> Vec<u8> {
     out
 }
 
-/// Creates (or truncates) `path` as a raw image of `size` bytes (sparse).
+/// Creates (or truncates) `path` as a raw image of `size` bytes (sparse),
+/// refusing a file in use as [`create`] does.
 pub fn create_raw(path: &Path, size: u64) -> Result<(), BdevError> {
     let io = |source: std::io::Error| BdevError::Open { path: path.display().to_string(), source };
-    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(path).map_err(io)?;
-    f.set_len(size).map_err(io)
+    let guard = CreateLock::acquire(path)?;
+    let f = guard.file();
+    f.set_len(0).map_err(io)?;
+    f.set_len(size).map_err(io)?;
+    f.sync_all().map_err(io)
 }

@@ -6,7 +6,10 @@
 //!   entry.rs   L1/L2 entries, compressed clusters, refcount widths
 //!   cache.rs   LRU caches for L2 tables and refcount blocks
 //!   state.rs   the open image on its home reactor: request paths,
-//!              allocation, write-back order (see its crash-ordering notes)
+//!              allocation, write-back order (see its crash-ordering notes),
+//!              corruption (fencing, the corrupt bit, the event)
+//!   overlap.rs where metadata lies: every write is checked against it
+//!   snapshot.rs the internal snapshot table (kept, read for its extent)
 //!   rebuild.rs refcounts recomputed for images left dirty
 //! ```
 //!
@@ -19,7 +22,9 @@ mod cache;
 pub mod create;
 pub mod entry;
 pub mod header;
+pub mod overlap;
 mod rebuild;
+mod snapshot;
 mod state;
 
 use std::cell::RefCell;
@@ -27,19 +32,20 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering as AtomicOrdering};
 
 use reactor::Handle;
 use serde_json::{Value, json};
 
 use self::header::{Header, autoclear, compat, incompat};
-use self::state::{Backing, CacheSizes, Qcow2};
+use self::state::{Alarm, Backing, CacheSizes, Qcow2, Settings};
 use crate::bdev::{Bdev, BdevInfo, Channel, LocalBoxFuture};
 use crate::channel::{BlockChannel, ChannelPolicy};
 use crate::error::{BdevError, IoError};
 use crate::forward::ForwardChannel;
-use crate::graph::{Access, Node, OpenCtx};
+use crate::graph::{Node, OpenCtx};
 use crate::io::{BlockStatus, Done, Io};
+use crate::lock::Perms;
 use crate::options::{DetectZeroes, DiscardMode, OptReader};
 
 /// Backing chains deeper than this are refused (a loop guard and a bound).
@@ -88,6 +94,8 @@ pub struct Qcow2Bdev {
     file: Arc<Node>,
     backing: std::sync::Mutex<Option<Arc<Node>>>,
     format_specific: Value,
+    /// Found corrupt while open: fenced, read-only from then on.
+    fenced: Arc<AtomicBool>,
 }
 
 /// Pops the loop-detection stack when an open returns.
@@ -138,7 +146,7 @@ fn open_backing_from_header(
         "read-only": true,
         "file": {"driver": "file", "filename": path, "read-only": true},
     });
-    ctx.open_child("backing", opts, Access::Read)
+    ctx.open_child("backing", opts, Perms::backing())
         .map_err(|e| BdevError::invalid(format!("Could not open backing file '{}': {e}", path.display())))
 }
 
@@ -165,7 +173,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     }
     opts.u64_opt("cache-clean-interval")?;
     opts.u64_opt("l2-cache-entry-size")?;
-    opts.take("overlap-check");
+    let overlap_check = overlap::parse_option(opts.take("overlap-check"))?;
     if opts.take("encrypt").is_some() {
         return Err(BdevError::Unsupported("qcow2: encryption is not supported yet".into()));
     }
@@ -174,7 +182,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     }
     opts.finish()?;
     let read_only = ctx.common().read_only;
-    let file = ctx.open_child("file", file_ref, if read_only { Access::Read } else { Access::Write })?;
+    let file = ctx.open_child("file", file_ref, Perms::format_file(!read_only))?;
     let read_only = read_only || file.read_only();
 
     // Loop detection: the same file twice in one chain.
@@ -211,7 +219,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
 
     let backing = match backing_opt {
         Some(Value::Null) => None,
-        Some(v @ (Value::String(_) | Value::Object(_))) => Some(ctx.open_child("backing", v, Access::Read)?),
+        Some(v @ (Value::String(_) | Value::Object(_))) => Some(ctx.open_child("backing", v, Perms::backing())?),
         Some(_) => return Err(BdevError::invalid("Invalid parameter type for 'backing', expected: BlockdevRefOrNull")),
         None => match header.backing_file.clone() {
             Some(name) => Some(open_backing_from_header(ctx, &file, &name, header.backing_format())?),
@@ -225,7 +233,15 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     let size = header.size;
     let (f, b) = (Arc::clone(&file), backing.clone());
     let home = ctx.main_reactor().clone();
-    home.run(move || async move { init_state(id, &f, b.as_deref(), file_size, header, read_only, caches).await })
+    let fenced = Arc::new(AtomicBool::new(false));
+    let alarm = Alarm { node_name: ctx.node_name().to_string(), events: ctx.events(), fenced: Arc::clone(&fenced) };
+    // Only a plain file with O_DIRECT is grown ahead of the allocator: the
+    // file system serialises direct writes that extend a file, while
+    // buffered ones (tmpfs, cache.direct=off) cost nothing extra there, and
+    // preallocating would only zero memory that the data overwrites.
+    let grow = file.driver() == "file" && file.bdev().info().direct;
+    let settings = Settings { read_only, caches, grow, overlap_check, alarm };
+    home.run(move || async move { init_state(id, &f, b.as_deref(), file_size, header, settings).await })
         .wait()
         .map_err(|_| BdevError::ReactorGone)??;
     Ok(Arc::new(Qcow2Bdev {
@@ -237,6 +253,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         file,
         backing: std::sync::Mutex::new(backing),
         format_specific,
+        fenced,
     }))
 }
 
@@ -261,9 +278,9 @@ async fn init_state(
     backing: Option<&Node>,
     file_size: u64,
     header: Header,
-    read_only: bool,
-    caches: CacheSizes,
+    settings: Settings,
 ) -> Result<(), BdevError> {
+    let read_only = settings.read_only;
     let io_err = |what: &str| {
         let what = what.to_string();
         move |source: IoError| BdevError::Io { what, source }
@@ -278,12 +295,7 @@ async fn init_state(
         None => None,
     };
     let dirty = header.incompatible & incompat::DIRTY != 0;
-    // Only a plain file with O_DIRECT is grown ahead of the allocator: the
-    // file system serialises direct writes that extend a file, while
-    // buffered ones (tmpfs, cache.direct=off) cost nothing extra there, and
-    // preallocating would only zero memory that the data overwrites.
-    let grow = file.driver() == "file" && file.bdev().info().direct;
-    let state = Qcow2::open(file_channel(file)?, file_size, header, backing, read_only, caches, grow)
+    let state = Qcow2::open(file_channel(file)?, file_size, header, backing, settings)
         .await
         .map_err(io_err("loading the qcow2 tables"))?;
     if !read_only {
@@ -346,7 +358,7 @@ impl Bdev for Qcow2Bdev {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only || self.fenced.load(AtomicOrdering::Acquire)
     }
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
@@ -364,7 +376,11 @@ impl Bdev for Qcow2Bdev {
 
     fn info(&self) -> BdevInfo {
         let file = self.file.bdev().info();
-        BdevInfo { format_specific: Some(self.format_specific.clone()), actual_size: file.actual_size, ..file }
+        let mut fs = self.format_specific.clone();
+        if self.fenced.load(AtomicOrdering::Acquire) {
+            fs["data"]["corrupt"] = Value::Bool(true);
+        }
+        BdevInfo { format_specific: Some(fs), actual_size: file.actual_size, ..file }
     }
 
     fn home(&self) -> Option<Handle> {
@@ -408,7 +424,9 @@ impl Bdev for Qcow2Bdev {
         let id = self.id;
         Box::pin(async move {
             let Some(state) = image(id) else { return Ok(()) };
-            let res = if state.read_only() { Ok(()) } else { state.flush().await };
+            // A fenced image keeps what it has on disk: its cached metadata
+            // may hold what the corruption put there.
+            let res = if state.read_only() || state.fenced() { Ok(()) } else { state.flush().await };
             IMAGES.with(|m| m.borrow_mut().remove(&id));
             res
         })

@@ -14,9 +14,10 @@ use reactor::IoBuf;
 
 use super::entry::{self, Cluster, refcount};
 use super::header::{ext, incompat};
+use super::overlap::kind;
+use super::snapshot;
 use super::state::Qcow2;
 use crate::error::IoError;
-use crate::io::IoFlags;
 
 fn corrupt(what: impl std::fmt::Display) -> IoError {
     tracing::error!("qcow2: refcount rebuild: {what}");
@@ -99,19 +100,15 @@ async fn count_snapshots(s: &Qcow2, counts: &mut Counts) -> Result<(), IoError> 
         let h = s.header.borrow();
         (h.snapshots_offset, h.nb_snapshots)
     };
-    let mut at = offset;
-    for _ in 0..n {
-        let fixed = s.file().read(at, 40).await?;
-        let (l1_off, l1_size) = (be64(&fixed, 0), be32(&fixed, 8));
-        let (id_len, name_len, extra_len) = (be16(&fixed, 12) as u64, be16(&fixed, 14) as u64, be32(&fixed, 36) as u64);
-        at = (at + 40 + extra_len + id_len + name_len).next_multiple_of(8);
+    let table = snapshot::read_table(s.file(), offset, n).await?;
+    for &(l1_off, l1_size) in &table.l1_tables {
         if l1_size > 0 {
             counts.add(l1_off, u64::from(l1_size) * 8);
             let l1 = read_l1(s, l1_off, l1_size).await?;
             count_l1(s, counts, &l1).await?;
         }
     }
-    counts.add(offset, at - offset);
+    counts.add(offset, table.bytes);
     Ok(())
 }
 
@@ -196,14 +193,14 @@ pub(super) async fn rebuild_refcounts(s: &Qcow2) -> Result<(), IoError> {
         }
         let off = (start + t) * cs;
         table[t as usize] = off;
-        s.file().write(off, block, IoFlags::NONE).await.1?;
+        s.write_checked(off, block, kind::REFCOUNT_BLOCK | kind::REFCOUNT_TABLE).await?;
     }
     let table_off = (start + nb) * cs;
     let mut tbuf = IoBuf::zeroed((table_clusters * cs) as usize);
     for (chunk, e) in tbuf.chunks_exact_mut(8).zip(&table) {
         chunk.copy_from_slice(&e.to_be_bytes());
     }
-    s.file().write(table_off, tbuf, IoFlags::NONE).await.1?;
+    s.write_checked(table_off, tbuf, kind::REFCOUNT_BLOCK | kind::REFCOUNT_TABLE).await?;
     s.file().flush().await?;
     {
         let mut h = s.header.borrow_mut();
@@ -213,7 +210,7 @@ pub(super) async fn rebuild_refcounts(s: &Qcow2) -> Result<(), IoError> {
     }
     s.write_header().await?;
     s.file().flush().await?;
-    s.set_refcount_table(table);
+    s.set_refcount_table(table, table_off, table_clusters);
     s.set_file_end(end * cs);
     tracing::info!(clusters = end, "qcow2: refcounts rebuilt for a dirty image");
     Ok(())

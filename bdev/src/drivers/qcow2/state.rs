@@ -37,14 +37,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use reactor::{IoBuf, LocalMutex};
 use slab::Slab;
 
 use super::cache::TableCache;
 use super::entry::{self, COPIED, Cluster, OFFSET_MASK, ZERO, refcount};
-use super::header::{Compression, Header};
+use super::header::{Compression, Header, autoclear, ext, incompat};
+use super::overlap::{Overlaps, kind};
+use super::snapshot;
+use crate::bdev::EventSink;
 use crate::channel::BlockChannel;
 use crate::error::IoError;
 use crate::io::{BlockStatus, Done, Io, IoDone, IoFlags, IoKind};
@@ -122,6 +127,23 @@ pub(super) struct Qcow2 {
     caches: CacheSizes,
     /// Fast-path requests in flight: their completion and guest offset.
     fast: RefCell<Slab<(Done, u64)>>,
+    /// Where the metadata lies, checked before every write to the file.
+    overlaps: RefCell<Overlaps>,
+    /// Who hears of corruption, and the fence it raises.
+    alarm: Alarm,
+    /// A corruption event was sent (QEMU sends one, then stays quiet).
+    signaled: Cell<bool>,
+    me: Weak<Qcow2>,
+}
+
+/// How a detected corruption is made known: the node's name and the
+/// event sink for `BLOCK_IMAGE_CORRUPTED`, and the flag that fences the
+/// image (no write reaches the file any more; the node reads as read-only).
+#[derive(Clone)]
+pub(super) struct Alarm {
+    pub node_name: String,
+    pub events: Option<EventSink>,
+    pub fenced: Arc<AtomicBool>,
 }
 
 /// A run of guest clusters being allocated: where, what they held before,
@@ -141,9 +163,49 @@ pub(super) struct CacheSizes {
     pub refcount_blocks: usize,
 }
 
-fn corrupt(what: impl std::fmt::Display) -> IoError {
-    tracing::error!("qcow2: image is corrupt: {what}");
-    IoError::Io
+/// Where the metadata of a writable image lies, for the overlap checks
+/// `enabled` asks for (the tables read at open: L1, refcount table; the
+/// snapshot table and, for `all`, the snapshots' L1 tables are read here).
+async fn metadata_map(
+    file: &BlockChannel,
+    h: &Header,
+    l1: &[u64],
+    refcount_table: &[u64],
+    enabled: u16,
+) -> Result<Overlaps, IoError> {
+    let cs = h.cluster_size();
+    let mut o = Overlaps::new(enabled, h.cluster_bits);
+    if enabled == 0 {
+        return Ok(o);
+    }
+    o.add_range(kind::ACTIVE_L1, h.l1_table_offset, u64::from(h.l1_size) * 8);
+    o.add_range(kind::REFCOUNT_TABLE, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs);
+    for &e in l1.iter().filter(|&&e| e & OFFSET_MASK != 0) {
+        o.add_cluster(kind::ACTIVE_L2, e & OFFSET_MASK);
+    }
+    for &e in refcount_table.iter().filter(|&&e| e & !511 != 0) {
+        o.add_cluster(kind::REFCOUNT_BLOCK, e & !511);
+    }
+    if h.nb_snapshots > 0 {
+        let table = snapshot::read_table(file, h.snapshots_offset, h.nb_snapshots).await?;
+        o.add_range(kind::SNAPSHOT_TABLE, h.snapshots_offset, table.bytes);
+        for &(off, entries) in &table.l1_tables {
+            o.add_range(kind::INACTIVE_L1, off, u64::from(entries) * 8);
+            if enabled & kind::INACTIVE_L2 != 0 && entries > 0 {
+                let l1 = decode_be64(&file.read(off, entries as usize * 8).await?);
+                for &e in l1.iter().filter(|&&e| e & OFFSET_MASK != 0) {
+                    o.add_cluster(kind::INACTIVE_L2, e & OFFSET_MASK);
+                }
+            }
+        }
+    }
+    if h.autoclear & autoclear::BITMAPS != 0
+        && let Some(e) = h.extensions.iter().find(|e| e.kind == ext::BITMAPS && e.data.len() >= 24)
+    {
+        let be = |at: usize| u64::from_be_bytes(e.data[at..at + 8].try_into().expect("8 bytes"));
+        o.add_range(kind::BITMAP_DIRECTORY, be(16), be(8));
+    }
+    Ok(o)
 }
 
 fn decode_be64(buf: &[u8]) -> Vec<u64> {
@@ -158,6 +220,17 @@ fn encode_be64(entries: &[u64]) -> IoBuf {
     buf
 }
 
+/// How an image is opened, besides its file and header.
+pub(super) struct Settings {
+    pub read_only: bool,
+    pub caches: CacheSizes,
+    /// Grow the file ahead of the allocator (see [`GROW_AHEAD_BYTES`]).
+    pub grow: bool,
+    /// The overlap checks enabled ([`super::overlap::parse_option`]).
+    pub overlap_check: u16,
+    pub alarm: Alarm,
+}
+
 impl Qcow2 {
     /// Loads the L1 and refcount tables and builds the state.
     pub(super) async fn open(
@@ -165,10 +238,9 @@ impl Qcow2 {
         file_size: u64,
         header: Header,
         backing: Option<Backing>,
-        read_only: bool,
-        caches: CacheSizes,
-        grow: bool,
+        settings: Settings,
     ) -> Result<Rc<Qcow2>, IoError> {
+        let Settings { read_only, caches, grow, overlap_check, alarm } = settings;
         let cs = header.cluster_size();
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
@@ -185,7 +257,13 @@ impl Qcow2 {
         };
         let table_bytes = header.refcount_table_clusters as usize * cs as usize;
         let table = decode_be64(&file.read(header.refcount_table_offset, table_bytes).await?);
-        Ok(Rc::new(Qcow2 {
+        // Nothing is written through a read-only image: no map needed.
+        let overlaps = if read_only {
+            Overlaps::new(0, header.cluster_bits)
+        } else {
+            metadata_map(&file, &header, &l1, &table, overlap_check).await?
+        };
+        Ok(Rc::new_cyclic(|me| Qcow2 {
             geo,
             header: RefCell::new(header),
             file,
@@ -202,6 +280,10 @@ impl Qcow2 {
             grown_to: Cell::new(if grow && !read_only { file_size } else { 0 }),
             caches,
             fast: RefCell::new(Slab::new()),
+            overlaps: RefCell::new(overlaps),
+            alarm,
+            signaled: Cell::new(false),
+            me: me.clone(),
         }))
     }
 
@@ -249,7 +331,16 @@ impl Qcow2 {
         self.l1.borrow().clone()
     }
 
-    pub(super) fn set_refcount_table(&self, table: Vec<u64>) {
+    /// Installs a rebuilt refcount table (at `offset`, `clusters` long).
+    pub(super) fn set_refcount_table(&self, table: Vec<u64>, offset: u64, clusters: u64) {
+        {
+            let mut o = self.overlaps.borrow_mut();
+            o.clear_clusters(kind::REFCOUNT_BLOCK);
+            for &e in table.iter().filter(|&&e| e & !511 != 0) {
+                o.add_cluster(kind::REFCOUNT_BLOCK, e & !511);
+            }
+            o.set_range(kind::REFCOUNT_TABLE, offset, clusters << self.geo.cluster_bits);
+        }
         let mut rc = self.rc.borrow_mut();
         rc.table = table;
         rc.free_search = 0;
@@ -269,14 +360,123 @@ impl Qcow2 {
         self.file_end.get()
     }
 
+    // ----- corruption ------------------------------------------------------
+
+    /// The image found corrupt while writable: nothing reaches the file.
+    pub(super) fn fenced(&self) -> bool {
+        self.alarm.fenced.load(Ordering::Acquire)
+    }
+
+    /// Reports corrupt metadata found on the way (QEMU's
+    /// qcow2_signal_corruption without a place): the request fails with EIO.
+    fn corrupt(&self, what: impl std::fmt::Display) -> IoError {
+        self.signal_corruption(None, what.to_string());
+        IoError::Io
+    }
+
+    /// Refuses a write of `len` bytes at `offset` that would land on
+    /// metadata (but that of the kinds in `ignore`), raising the alarm;
+    /// refuses every write once the image is fenced.
+    pub(super) fn check_write(&self, offset: u64, len: u64, ignore: u16) -> Result<(), IoError> {
+        if self.fenced() {
+            return Err(IoError::Io);
+        }
+        let hit = self.overlaps.borrow().check(offset, len, ignore);
+        match hit {
+            None => Ok(()),
+            Some(k) => {
+                let msg = format!("Preventing invalid write on metadata (overlaps with {})", kind::name(k));
+                self.signal_corruption(Some((offset, len)), msg);
+                Err(IoError::Io)
+            }
+        }
+    }
+
+    /// Writes `buf` at `offset` of the file after the overlap check.
+    pub(super) async fn write_checked(&self, offset: u64, buf: IoBuf, ignore: u16) -> Result<(), IoError> {
+        self.check_write(offset, buf.len() as u64, ignore)?;
+        self.file.write(offset, buf, IoFlags::NONE).await.1
+    }
+
+    /// Makes a corruption known, as QEMU does: once, as a
+    /// `BLOCK_IMAGE_CORRUPTED` event; on a writable image also fatally —
+    /// the image is fenced (no more writes, the node reads as read-only)
+    /// and the header's corrupt bit is set, so QEMU and Spindle refuse to
+    /// open it for writing until `qemu-img check -r` repairs it.
+    fn signal_corruption(&self, place: Option<(u64, u64)>, msg: String) {
+        let fatal = !self.read_only;
+        if self.signaled.get() && (!fatal || self.fenced()) {
+            tracing::debug!("qcow2: {}: further corruption: {msg}", self.alarm.node_name);
+            return;
+        }
+        if fatal {
+            tracing::error!(
+                "qcow2: {}: Marking image as corrupt: {msg}; further corruption events will be suppressed",
+                self.alarm.node_name
+            );
+        } else {
+            tracing::error!(
+                "qcow2: {}: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed",
+                self.alarm.node_name
+            );
+        }
+        if let Some(events) = &self.alarm.events {
+            let mut data = serde_json::json!({
+                "device": "",
+                "node-name": self.alarm.node_name,
+                "msg": msg,
+                "fatal": fatal,
+            });
+            if let Some((offset, size)) = place {
+                data["offset"] = offset.into();
+                data["size"] = size.into();
+            }
+            events("BLOCK_IMAGE_CORRUPTED", data);
+        }
+        self.signaled.set(true);
+        if fatal {
+            self.alarm.fenced.store(true, Ordering::Release);
+            self.header.borrow_mut().incompatible |= incompat::CORRUPT;
+            if let Some(me) = self.me.upgrade() {
+                reactor::spawn_local(async move { me.write_corrupt_bit().await });
+            }
+        }
+    }
+
+    /// Sets the corrupt bit on disk (version 3 images; version 2 has no
+    /// feature bits). Under the metadata lock, so a header write in flight
+    /// cannot land after it.
+    async fn write_corrupt_bit(&self) {
+        let _g = self.lock.lock().await;
+        let (version, bits) = {
+            let h = self.header.borrow();
+            (h.version, h.incompatible)
+        };
+        if version < 3 {
+            return;
+        }
+        // The incompatible feature bits sit at byte 72 of the header.
+        let res = self.file.write(72, IoBuf::from_slice(&bits.to_be_bytes()), IoFlags::NONE).await.1;
+        let res = match res {
+            Ok(()) => self.file.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            tracing::error!("qcow2: {}: setting the corrupt bit failed: {e}", self.alarm.node_name);
+        }
+    }
+
     // ----- lookups ---------------------------------------------------------
 
     /// The L1 entry for guest cluster `c`: (L1 index, L2 table offset, COPIED).
     fn l1_lookup(&self, c: u64) -> Result<(usize, u64, bool), IoError> {
         let i = (c / self.geo.l2_entries) as usize;
-        let e =
-            *self.l1.borrow().get(i).ok_or_else(|| corrupt(format!("guest cluster {c} lies beyond the L1 table")))?;
-        let (off, copied) = entry::decode_l1(e, self.geo.cluster_bits).map_err(|x| corrupt(x.0))?;
+        let e = *self
+            .l1
+            .borrow()
+            .get(i)
+            .ok_or_else(|| self.corrupt(format!("guest cluster {c} lies beyond the L1 table")))?;
+        let (off, copied) = entry::decode_l1(e, self.geo.cluster_bits).map_err(|x| self.corrupt(x.0))?;
         if off != 0 {
             self.check_metadata_offset(off)?;
         }
@@ -286,10 +486,10 @@ impl Qcow2 {
     /// A cluster a table points at must lie past the header and inside the file.
     fn check_cluster(&self, what: &str, off: u64) -> Result<(), IoError> {
         if off < self.geo.cluster_size {
-            return Err(corrupt(format!("{what} at {off:#x} overlaps the header")));
+            return Err(self.corrupt(format!("{what} at {off:#x} overlaps the header")));
         }
         if off + self.geo.cluster_size > self.file_end.get() {
-            return Err(corrupt(format!("{what} at {off:#x} lies beyond the end of the file")));
+            return Err(self.corrupt(format!("{what} at {off:#x} lies beyond the end of the file")));
         }
         Ok(())
     }
@@ -299,13 +499,13 @@ impl Qcow2 {
     }
 
     fn decode(&self, e: u64) -> Result<Cluster, IoError> {
-        let cl = entry::decode_l2(e, self.geo.cluster_bits, self.geo.version).map_err(|x| corrupt(x.0))?;
+        let cl = entry::decode_l2(e, self.geo.cluster_bits, self.geo.version).map_err(|x| self.corrupt(x.0))?;
         match cl {
             Cluster::Data { host, .. } | Cluster::Zero { host: Some(host), .. } => {
                 self.check_cluster("data cluster", host)?
             }
             Cluster::Compressed { offset, len } if offset.saturating_add(len) > self.file_end.get() + 512 => {
-                return Err(corrupt(format!("compressed data at {offset:#x} lies beyond the end of the file")));
+                return Err(self.corrupt(format!("compressed data at {offset:#x} lies beyond the end of the file")));
             }
             _ => {}
         }
@@ -375,9 +575,16 @@ impl Qcow2 {
         let new = self.alloc_clusters(1).await?;
         // Ordering rule 5: table and its refcount durable before the L1 entry.
         self.write_dirty_blocks().await?;
-        self.file.write(new, encode_be64(&entries), IoFlags::NONE).await.1?;
+        self.write_checked(new, encode_be64(&entries), kind::ACTIVE_L2).await?;
         self.file.flush().await?;
         self.l1.borrow_mut()[i] = new | COPIED;
+        {
+            let mut o = self.overlaps.borrow_mut();
+            o.add_cluster(kind::ACTIVE_L2, new);
+            if off != 0 {
+                o.remove_cluster(kind::ACTIVE_L2, off);
+            }
+        }
         self.write_l1_entry(i).await?;
         self.make_room_l2().await?;
         self.l2.borrow_mut().insert(new, entries, false);
@@ -392,7 +599,7 @@ impl Qcow2 {
     async fn write_l1_entry(&self, i: usize) -> Result<(), IoError> {
         let e = self.l1.borrow()[i];
         let off = self.header.borrow().l1_table_offset + i as u64 * 8;
-        self.file.write(off, IoBuf::from_slice(&e.to_be_bytes()), IoFlags::NONE).await.1
+        self.write_checked(off, IoBuf::from_slice(&e.to_be_bytes()), kind::ACTIVE_L1).await
     }
 
     // ----- refcounts -------------------------------------------------------
@@ -404,7 +611,7 @@ impl Qcow2 {
             return Ok(None);
         }
         if off % self.geo.cluster_size != 0 || e & 511 != 0 {
-            return Err(corrupt(format!("refcount table entry {e:#x} is invalid")));
+            return Err(self.corrupt(format!("refcount table entry {e:#x} is invalid")));
         }
         self.check_metadata_offset(off)?;
         Ok(Some(off))
@@ -441,7 +648,7 @@ impl Qcow2 {
     async fn update_refcount(&self, c: u64, delta: i64) -> Result<(), IoError> {
         let pb = self.geo.per_block();
         let Some(off) = self.block_offset(c / pb)? else {
-            return Err(corrupt(format!("cluster {c} has no refcount block")));
+            return Err(self.corrupt(format!("cluster {c} has no refcount block")));
         };
         self.load_block(off).await?;
         let order = self.geo.refcount_order;
@@ -455,8 +662,11 @@ impl Qcow2 {
                 refcount::set(block, order, idx, v);
                 Ok(())
             }
-            None if delta > 0 => Err(corrupt(format!("refcount of cluster {c} would overflow"))),
-            None => Err(corrupt(format!("refcount of cluster {c} would drop below zero"))),
+            None if delta > 0 => {
+                tracing::error!("qcow2: the refcount of cluster {c} would overflow");
+                Err(IoError::Io)
+            }
+            None => Err(self.corrupt(format!("refcount of cluster {c} would drop below zero"))),
         }
     }
 
@@ -464,7 +674,7 @@ impl Qcow2 {
         let dirty = self.blocks.borrow().dirty_offsets();
         for off in dirty {
             let buf = IoBuf::from_slice(self.blocks.borrow().peek(off).expect("dirty block is cached"));
-            self.file.write(off, buf, IoFlags::NONE).await.1?;
+            self.write_checked(off, buf, kind::REFCOUNT_BLOCK).await?;
             self.blocks.borrow_mut().mark_clean(off);
         }
         Ok(())
@@ -519,6 +729,11 @@ impl Qcow2 {
         }
         let from = grown.max(written_end);
         let to = (end + GROW_AHEAD_BYTES).next_multiple_of(GROW_AHEAD_BYTES);
+        if self.overlaps.borrow().check(from, to - from, 0).is_some() || self.fenced() {
+            // Metadata past the end of what allocation knows: leave it be.
+            self.grown_to.set(0);
+            return;
+        }
         let flags = IoFlags::GROW | IoFlags::NO_FALLBACK;
         match self.file.write_zeroes(from, to - from, flags).await {
             Ok(()) => self.grown_to.set(to),
@@ -563,11 +778,12 @@ impl Qcow2 {
         let off = p << self.geo.cluster_bits;
         // Ordering rule 6: the block and its own refcount are durable
         // before the table points at it.
-        self.file.write(off, IoBuf::from_slice(&block), IoFlags::NONE).await.1?;
+        self.write_checked(off, IoBuf::from_slice(&block), kind::REFCOUNT_BLOCK).await?;
         self.file.flush().await?;
         self.rc.borrow_mut().table[t as usize] = off;
+        self.overlaps.borrow_mut().add_cluster(kind::REFCOUNT_BLOCK, off);
         let entry_off = self.header.borrow().refcount_table_offset + t * 8;
-        self.file.write(entry_off, IoBuf::from_slice(&off.to_be_bytes()), IoFlags::NONE).await.1?;
+        self.write_checked(entry_off, IoBuf::from_slice(&off.to_be_bytes()), kind::REFCOUNT_TABLE).await?;
         while self.blocks.borrow().is_full() && !self.blocks.borrow_mut().evict_clean() {
             self.write_dirty_blocks().await?;
         }
@@ -612,7 +828,8 @@ impl Qcow2 {
         let area_end = start + nb + table_clusters;
         tracing::debug!(needed, old_len, entries, start, nb, table_clusters, "qcow2: growing the refcount table");
         if (table_clusters * cs) > super::header::REFCOUNT_TABLE_BYTES_MAX {
-            return Err(corrupt("refcount table would exceed its size limit"));
+            tracing::error!("qcow2: the refcount table would exceed its size limit");
+            return Err(IoError::NoSpace);
         }
         // New blocks, one per missing table index, at the start of the area.
         let mut new_blocks: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
@@ -635,10 +852,10 @@ impl Qcow2 {
         }
         let table_off = (start + nb) * cs;
         for (off, block) in new_blocks.values() {
-            self.file.write(*off, IoBuf::from_slice(block), IoFlags::NONE).await.1?;
+            self.write_checked(*off, IoBuf::from_slice(block), kind::REFCOUNT_BLOCK).await?;
         }
         self.write_dirty_blocks().await?;
-        self.file.write(table_off, encode_be64(&table), IoFlags::NONE).await.1?;
+        self.write_checked(table_off, encode_be64(&table), kind::REFCOUNT_TABLE).await?;
         self.file.flush().await?;
         let (old_off, old_clusters) = {
             let mut h = self.header.borrow_mut();
@@ -650,6 +867,13 @@ impl Qcow2 {
         self.write_header().await?;
         self.file.flush().await?;
         self.rc.borrow_mut().table = table;
+        {
+            let mut o = self.overlaps.borrow_mut();
+            o.set_range(kind::REFCOUNT_TABLE, table_off, table_clusters * cs);
+            for (off, _) in new_blocks.values() {
+                o.add_cluster(kind::REFCOUNT_BLOCK, *off);
+            }
+        }
         for (off, block) in new_blocks.into_values() {
             self.blocks.borrow_mut().insert(off, block, false);
         }
@@ -667,8 +891,8 @@ impl Qcow2 {
 
     /// Writes the header (and its extensions) to cluster 0.
     pub(super) async fn write_header(&self) -> Result<(), IoError> {
-        let bytes = self.header.borrow().serialize().map_err(|e| corrupt(e.to_string()))?;
-        self.file.write(0, IoBuf::from_slice(&bytes), IoFlags::NONE).await.1
+        let bytes = self.header.borrow().serialize().map_err(|e| self.corrupt(e))?;
+        self.write_checked(0, IoBuf::from_slice(&bytes), kind::MAIN_HEADER).await
     }
 
     // ----- write-back --------------------------------------------------------
@@ -682,7 +906,7 @@ impl Qcow2 {
             let dirty = self.l2.borrow().dirty_offsets();
             for off in dirty {
                 let buf = encode_be64(self.l2.borrow().peek(off).expect("dirty table is cached"));
-                self.file.write(off, buf, IoFlags::NONE).await.1?;
+                self.write_checked(off, buf, kind::ACTIVE_L2).await?;
                 self.l2.borrow_mut().mark_clean(off);
             }
         }
@@ -745,7 +969,9 @@ impl Qcow2 {
                     && !io.flags.contains(IoFlags::FUA)
                     && !io.flags.contains(IoFlags::FILL_UNALLOCATED) =>
             {
-                self.fast_target(&io, true)
+                // A write that would hit metadata takes the slow path,
+                // which refuses it and raises the alarm.
+                self.fast_target(&io, true).filter(|&h| self.check_write(h, io.len, 0).is_ok())
             }
             _ => None,
         };
@@ -839,7 +1065,10 @@ impl Qcow2 {
     async fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {
         let input = self.file.read(offset, len as usize).await?;
         let mut out = vec![0u8; self.geo.cluster_size as usize];
-        entry::decompress(self.geo.compression, &input, &mut out).map_err(|e| corrupt(e.0))?;
+        entry::decompress(self.geo.compression, &input, &mut out).map_err(|e| {
+            tracing::error!("qcow2: compressed cluster at {offset:#x}: {}", e.0);
+            IoError::Io
+        })?;
         Ok(out)
     }
 
@@ -922,8 +1151,17 @@ impl Qcow2 {
         let run = self.register_run(table, c0, host, old);
         drop(guard);
         let buf = io.buf.take().expect("write carries a buffer");
-        let (io_back, res) = self.file.submit_io(Io::write(host, buf, IoFlags::NONE)).await;
-        io.buf = io_back.buf;
+        let res = match self.check_write(host, buf.len() as u64, 0) {
+            Ok(()) => {
+                let (io_back, res) = self.file.submit_io(Io::write(host, buf, IoFlags::NONE)).await;
+                io.buf = io_back.buf;
+                res
+            }
+            Err(e) => {
+                io.buf = Some(buf);
+                Err(e)
+            }
+        };
         self.commit_run(run, res).await?;
         Ok(true)
     }
@@ -1021,7 +1259,7 @@ impl Qcow2 {
             drop(guard);
             let run_end = end.min(c << g.cluster_bits);
             let buf = IoBuf::from_slice(&data[(pos - base) as usize..(run_end - base) as usize]);
-            self.file.write(host + g.within(pos), buf, IoFlags::NONE).await.1?;
+            self.write_checked(host + g.within(pos), buf, 0).await?;
             return Ok(run_end - pos);
         }
         let mut old = vec![first];
@@ -1054,7 +1292,7 @@ impl Qcow2 {
             }
             buf[(pos - run_start) as usize..(w_end - run_start) as usize]
                 .copy_from_slice(&data[(pos - base) as usize..(w_end - base) as usize]);
-            self.file.write(host, buf, IoFlags::NONE).await.1
+            self.write_checked(host, buf, 0).await
         }
         .await;
         self.commit_run(run, filled).await?;
