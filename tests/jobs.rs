@@ -54,16 +54,7 @@ fn nbd_io(d: &Daemon, name: &str, cmds: &[&str]) -> String {
 
 fn create(d: &Daemon, name: &str, size: &str, backing: Option<&Path>) -> PathBuf {
     let p = d.path(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    let b;
-    if let Some(back) = backing {
-        b = back.to_str().unwrap().to_string();
-        args.extend(["-b", &b, "-F", "qcow2"]);
-    }
-    let ps = p.to_str().unwrap().to_string();
-    args.push(&ps);
-    args.push(size);
-    qemu_img(&args);
+    support::qcow2_image(&p, size, backing);
     p
 }
 

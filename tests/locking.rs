@@ -45,15 +45,7 @@ fn verify(img: &Path, pattern: u8, at: u64, len: u64) {
 /// A qcow2 image with `pattern` in its first MiB (and a backing file).
 fn image(dir: &Path, name: &str, backing: Option<&Path>, pattern: u8) -> PathBuf {
     let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    let b;
-    if let Some(back) = backing {
-        b = back.to_str().unwrap().to_string();
-        args.extend(["-b", &b, "-F", "qcow2"]);
-    }
-    let ps = p.to_str().unwrap().to_string();
-    args.extend([ps.as_str(), "64M"]);
-    qemu_img(&args);
+    support::qcow2_image(&p, "64M", backing);
     let (ok, text) = qemu_io(&["-f", "qcow2", "-c", &format!("write -P {pattern:#x} 0 1M")], &p);
     assert!(ok, "{text}");
     p

@@ -77,6 +77,17 @@ fn io_until_error(d: &Daemon, node: &str, cmds: &[&str]) -> Option<String> {
     None
 }
 
+/// The kind of metadata the corruption event names (the event stays
+/// queued for [`assert_fenced`]).
+fn refused_kind(q: &mut Qmp) -> String {
+    let ev = q.event("BLOCK_IMAGE_CORRUPTED");
+    let msg = ev["data"]["msg"].as_str().unwrap().to_string();
+    q.events.push(ev);
+    let what =
+        msg.strip_prefix("Preventing invalid write on metadata (overlaps with ").and_then(|m| m.strip_suffix(')'));
+    what.unwrap_or_else(|| panic!("unexpected message: {msg}")).to_string()
+}
+
 /// Everything that must hold once a write was refused for overlapping `what`.
 fn assert_fenced(d: &Daemon, q: &mut Qmp, node: &str, img: &Path, what: &str, err: Option<String>) {
     let err = err.expect("a write through corrupt metadata must fail");
@@ -139,17 +150,11 @@ fn an_l1_entry_pointing_at_the_refcount_table_cannot_overwrite_it() {
     put64_at(&img, l1, rt | 1 << 63);
     add(&d, "b", &img, json!({}));
     let err = io_until_error(&d, "b", &["write -P 0x22 0 64k", "flush"]);
-    let ev_msg = err.clone();
-    assert!(ev_msg.is_some());
     // The first write refused is whichever metadata write the damage
     // reaches first: the refcount table is never written.
-    let ev = q.event("BLOCK_IMAGE_CORRUPTED");
-    let msg = ev["data"]["msg"].as_str().unwrap().to_string();
-    assert!(msg.starts_with("Preventing invalid write on metadata (overlaps with"), "{msg}");
-    q.events.push(ev);
-    let what = msg.trim_start_matches("Preventing invalid write on metadata (overlaps with ").trim_end_matches(')');
-    assert!(["refcount table", "active L2 table"].contains(&what), "{msg}");
-    assert_fenced(&d, &mut q, "b", &img, what, err);
+    let what = refused_kind(&mut q);
+    assert!(["refcount table", "active L2 table"].contains(&what.as_str()), "{what}");
+    assert_fenced(&d, &mut q, "b", &img, &what, err);
     assert_eq!(be64_at(&img, rt), table_before, "the refcount table is untouched");
 }
 
@@ -163,14 +168,11 @@ fn a_refcount_block_aliasing_an_l2_table_cannot_be_written_over_it() {
     put64_at(&img, rt, l2);
     add(&d, "c", &img, json!({}));
     let err = io_until_error(&d, "c", &["write -P 0x22 32M 64k", "flush"]);
-    let ev = q.event("BLOCK_IMAGE_CORRUPTED");
-    let msg = ev["data"]["msg"].as_str().unwrap().to_string();
-    q.events.push(ev);
-    let what = msg.trim_start_matches("Preventing invalid write on metadata (overlaps with ").trim_end_matches(')');
     // Read as refcounts, the L2 table says some metadata clusters are free:
     // whichever the allocator or the write-back reaches first is defended.
-    assert!(["refcount table", "active L2 table", "refcount block"].contains(&what), "{msg}");
-    assert_fenced(&d, &mut q, "c", &img, what, err);
+    let what = refused_kind(&mut q);
+    assert!(["refcount table", "active L2 table", "refcount block"].contains(&what.as_str()), "{what}");
+    assert_fenced(&d, &mut q, "c", &img, &what, err);
     assert_eq!(be64_at(&img, l2), l2_before, "the L2 table is untouched");
 }
 

@@ -261,6 +261,16 @@ pub fn qemu_io(image: &Path, command: &str) -> String {
     run(cmd.args(["-f", "raw", "-c", command]).arg(image))
 }
 
+/// `qemu-img create -f qcow2 PATH SIZE`, over `backing` (a qcow2) if given.
+pub fn qcow2_image(path: &Path, size: &str, backing: Option<&Path>) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some(b) = backing {
+        cmd.arg("-b").arg(b).args(["-F", "qcow2"]);
+    }
+    run(cmd.arg(path).arg(size));
+}
+
 /// Creates a zero-filled sparse file.
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
