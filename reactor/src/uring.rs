@@ -11,6 +11,9 @@
 //! - the `Op` enters the in-flight slab *before* its SQE is pushed, keyed by
 //!   the SQE's `user_data`, and leaves it only when the CQE for that key is
 //!   reaped — the completion hands the `Op` (and so the buffer) back;
+//! - `user_data` is the slab key *and* a generation: a slab key is reused as
+//!   soon as its operation ends, so a cancel still queued for the old
+//!   operation (or any late word about it) must not reach the new one;
 //! - a dropped [`OpFuture`] does not free anything: its entry is marked
 //!   abandoned and released when the CQE arrives;
 //! - dropping the ring with operations in flight leaks their resources (with
@@ -239,6 +242,8 @@ enum Waiter {
 
 struct Inflight {
     op: Op,
+    /// Tells this operation from earlier ones under the same slab key.
+    generation: u32,
     waiter: Waiter,
     /// Straight to the kernel's worker pool (IOSQE_ASYNC), see
     /// [`Ring::submit_punted_with`].
@@ -250,8 +255,10 @@ struct RingInner {
     inflight: Slab<Inflight>,
     /// Keys whose SQE did not fit in the submission queue yet.
     backlog: VecDeque<usize>,
-    /// Cancel requests that did not fit yet.
-    cancel_backlog: VecDeque<usize>,
+    /// Cancel requests that did not fit yet: the target's `user_data`.
+    cancel_backlog: VecDeque<u64>,
+    /// Generation of the next operation.
+    next_generation: u32,
     /// SQEs pushed since the last successful enter.
     unsubmitted: bool,
     /// Scratch space for reaped CQEs, reused every tick.
@@ -332,6 +339,7 @@ impl Ring {
                 inflight: Slab::with_capacity(entries as usize),
                 backlog: VecDeque::new(),
                 cancel_backlog: VecDeque::new(),
+                next_generation: 0,
                 unsubmitted: false,
                 reaped: Vec::with_capacity(entries as usize * 2),
                 wakeup_armed: false,
@@ -364,7 +372,8 @@ impl Ring {
     fn queue(&self, op: Op, waiter: Waiter, punt: bool) -> usize {
         op.check();
         let mut inner = self.inner.borrow_mut();
-        let key = inner.inflight.insert(Inflight { op, waiter, punt });
+        let generation = inner.generation();
+        let key = inner.inflight.insert(Inflight { op, generation, waiter, punt });
         inner.push(key);
         key
     }
@@ -393,7 +402,8 @@ impl Ring {
         }
         inner.wakeup_armed = true;
         let op = Op::Read { fd: Arc::clone(eventfd), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 };
-        let key = inner.inflight.insert(Inflight { op, waiter: Waiter::Wakeup, punt: false });
+        let generation = inner.generation();
+        let key = inner.inflight.insert(Inflight { op, generation, waiter: Waiter::Wakeup, punt: false });
         inner.push(key);
     }
 
@@ -449,7 +459,7 @@ impl Ring {
         let count = reaped.len();
         for (user_data, res) in reaped.drain(..) {
             if user_data != CANCEL_USER_DATA {
-                self.dispatch(user_data as usize, res);
+                self.dispatch(user_data, res);
             }
         }
         let mut inner = self.inner.borrow_mut();
@@ -458,10 +468,11 @@ impl Ring {
         count
     }
 
-    fn dispatch(&self, key: usize, res: i32) {
+    fn dispatch(&self, user_data: u64, res: i32) {
+        let (key, generation) = split_user_data(user_data);
         let mut inner = self.inner.borrow_mut();
-        let Some(entry) = inner.inflight.get_mut(key) else {
-            tracing::error!(key, "completion for an unknown io_uring operation");
+        let Some(entry) = inner.inflight.get_mut(key).filter(|e| e.generation == generation) else {
+            tracing::error!(key, generation, "completion for an unknown io_uring operation");
             return;
         };
         match &mut entry.waiter {
@@ -497,7 +508,23 @@ impl Ring {
     }
 }
 
+/// The `user_data` of the operation at slab `key` of `generation`.
+fn user_data(key: usize, generation: u32) -> u64 {
+    debug_assert!(key < u32::MAX as usize, "in-flight slab beyond 2^32 entries");
+    (u64::from(generation) << 32) | key as u64
+}
+
+fn split_user_data(user_data: u64) -> (usize, u32) {
+    ((user_data & u64::from(u32::MAX)) as usize, (user_data >> 32) as u32)
+}
+
 impl RingInner {
+    fn generation(&mut self) -> u32 {
+        let g = self.next_generation;
+        self.next_generation = g.wrapping_add(1);
+        g
+    }
+
     fn push(&mut self, key: usize) {
         if !self.backlog.is_empty() || !self.try_push(key) {
             self.backlog.push_back(key);
@@ -506,7 +533,7 @@ impl RingInner {
 
     fn try_push(&mut self, key: usize) -> bool {
         let inflight = &mut self.inflight[key];
-        let mut entry = inflight.op.entry().user_data(key as u64);
+        let mut entry = inflight.op.entry().user_data(user_data(key, inflight.generation));
         if inflight.punt {
             entry = entry.flags(squeue::Flags::ASYNC);
         }
@@ -522,12 +549,13 @@ impl RingInner {
     }
 
     fn push_cancel(&mut self, key: usize) {
-        let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
+        let target = user_data(key, self.inflight[key].generation);
+        let entry = opcode::AsyncCancel::new(target).build().user_data(CANCEL_USER_DATA);
         // SAFETY: a cancel SQE carries no pointers, only the target's user_data.
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
             self.unsubmitted = true;
         } else {
-            self.cancel_backlog.push_back(key);
+            self.cancel_backlog.push_back(target);
         }
     }
 
@@ -538,14 +566,16 @@ impl RingInner {
             }
             self.backlog.pop_front();
         }
-        while let Some(key) = self.cancel_backlog.pop_front() {
-            if !self.inflight.contains(key) {
+        while let Some(target) = self.cancel_backlog.pop_front() {
+            let (key, generation) = split_user_data(target);
+            // The operation ended meanwhile (its key may serve another now).
+            if self.inflight.get(key).is_none_or(|e| e.generation != generation) {
                 continue;
             }
-            let entry = opcode::AsyncCancel::new(key as u64).build().user_data(CANCEL_USER_DATA);
+            let entry = opcode::AsyncCancel::new(target).build().user_data(CANCEL_USER_DATA);
             // SAFETY: a cancel SQE carries no pointers.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                self.cancel_backlog.push_front(key);
+                self.cancel_backlog.push_front(target);
                 return;
             }
             self.unsubmitted = true;
@@ -750,5 +780,44 @@ mod uring_tests {
         }
         assert_eq!(ring.inflight(), 0, "cancelled op must be released at its CQE");
         drop(w);
+    }
+
+    #[test]
+    fn a_late_cancel_never_hits_the_next_operation_under_the_same_key() {
+        // A cancel that did not fit in the submission queue waits in the
+        // backlog; meanwhile its target completes and its slab key goes to
+        // a new read, which is pushed before the cancel. The cancel must
+        // not reach the new read.
+        let ring = Rc::new(Ring::new(2).unwrap());
+        let (r1, w1) = nix::unistd::pipe().unwrap();
+        let (r2, w2) = nix::unistd::pipe().unwrap();
+        let a = ring.submit(Op::Read { fd: Arc::new(r1), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 });
+        ring.enter(None);
+        // Two nops fill the queue, two more wait behind them.
+        let nops: Vec<OpFuture> = (0..4).map(|_| ring.submit(Op::Nop)).collect();
+        a.cancel();
+        nix::unistd::write(&w1, b"x").unwrap();
+        let mut a = std::pin::pin!(a);
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let done = loop {
+            ring.enter(Some(Some(Duration::from_millis(100))));
+            ring.reap();
+            if let Poll::Ready((res, _)) = a.as_mut().poll(&mut cx) {
+                break res;
+            }
+        };
+        assert!(done == 1 || done == -libc::ECANCELED, "{done}");
+        // The freed key serves a new read on an empty pipe.
+        let b = ring.submit(Op::Read { fd: Arc::new(r2), offset: u64::MAX, buf: IoBuf::new(8), at: 0, len: 8 });
+        for _ in 0..5 {
+            ring.enter(Some(Some(Duration::from_millis(20))));
+            ring.reap();
+        }
+        nix::unistd::write(&w2, b"y").unwrap();
+        let (res, _) = block_on(&ring, b);
+        assert_eq!(res, 1, "the new read completed with its data, not cancelled");
+        drop(nops);
+        drop((w1, w2));
     }
 }
