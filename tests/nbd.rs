@@ -708,3 +708,21 @@ fn a_mirror_reaches_another_host_through_the_nbd_driver() {
     // Zeroes included: what read 0xff on the remote now reads as the source does.
     run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "raw"]).arg(&src).arg(&tgt));
 }
+
+#[test]
+fn a_null_device_never_returns_another_clients_data() {
+    let d = Daemon::start_with(&["--cpumask", "0x1"]);
+    start_server(&d);
+    d.ok("blockdev-add", json!({"driver": "malloc", "node-name": "secret", "size": 16 << 20}));
+    d.ok("blockdev-add", json!({"driver": "null-co", "node-name": "null", "size": 16 << 20}));
+    export(&d, "secret", "secret", true);
+    export(&d, "null", "null", true);
+    for size in ["4k", "64k", "1M"] {
+        // One client's data passes through the server's buffers...
+        let (ok, text) = nbd_io(&uri(&d, "secret"), &[&format!("write -P 0xab 0 {size}"), &format!("read 0 {size}")]);
+        assert!(ok, "{text}");
+        // ...and a read of a device that writes nothing into them must not show it.
+        let (ok, text) = nbd_io(&uri(&d, "null"), &[&format!("read -P 0 0 {size}")]);
+        assert!(ok, "{size}: {text}");
+    }
+}

@@ -1,7 +1,11 @@
 //! `null-co`: a device that stores nothing. Writes succeed, reads return
-//! zeroes (`read-zeroes`) or leave the buffer as it was. Optional
-//! `latency-ns` delays every completion. The overhead baseline of the
-//! device layer.
+//! zeroes. Optional `latency-ns` delays every completion. The overhead
+//! baseline of the device layer.
+//!
+//! QEMU's `read-zeroes=false` leaves a read's buffer as it was; here the
+//! buffer comes from a pool that held other requests' data (other clients'
+//! too), so reads are zeroed either way and the option only changes what
+//! block status reports (data, as in QEMU, or zeroes).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -37,8 +41,9 @@ pub fn open(_ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>
     Ok(Arc::new(NullBdev { size, latency, read_zeroes }))
 }
 
-fn execute(read_zeroes: bool, io: &mut Io) -> Result<(), IoError> {
-    if read_zeroes && io.kind == IoKind::Read {
+fn execute(io: &mut Io) -> Result<(), IoError> {
+    if io.kind == IoKind::Read {
+        // Never hand out what the pooled buffer held before (see the module notes).
         io.buf_mut().fill(0);
     }
     Ok(())
@@ -62,9 +67,8 @@ impl Bdev for NullBdev {
     }
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
-        let read_zeroes = self.read_zeroes;
         let queue =
-            (self.latency.is_zero()).then(|| CompletionQueue::new("null-co", move |io| execute(read_zeroes, io)));
+            (self.latency.is_zero()).then(|| CompletionQueue::new("null-co", execute));
         Ok(Rc::new(NullChannel { bdev: self, queue }))
     }
 
@@ -97,11 +101,10 @@ impl Channel for NullChannel {
                 // With latency every request waits on its own timer (a test
                 // feature; the allocation per request does not matter here).
                 let deadline = Instant::now() + self.bdev.latency;
-                let read_zeroes = self.bdev.read_zeroes;
                 reactor::spawn_local(async move {
                     reactor::sleep_until(deadline).await;
                     let mut io = io;
-                    let res = execute(read_zeroes, &mut io);
+                    let res = execute(&mut io);
                     done.complete(io, res);
                 });
             }
