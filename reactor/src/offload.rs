@@ -20,6 +20,10 @@
 //! driver can send any read or write either way. The reactor keeps the
 //! callback alive until the answer arrives; the thread owns the buffer
 //! while it works.
+//!
+//! [`call`] runs any other blocking system call there (`lseek` with
+//! SEEK_DATA, which walks a file's extents) and hands the answer back as a
+//! future.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
@@ -35,6 +39,12 @@ use crate::uring::{Op, OpCallback, SharedFd};
 
 /// Threads at most, whatever the number of cores.
 const THREADS_MAX: usize = 8;
+
+/// What a thread is given.
+enum Work {
+    Io(Task),
+    Call(Box<dyn FnOnce() + Send>),
+}
 
 struct Task {
     /// Key of the waiting callback on the submitting reactor.
@@ -58,8 +68,8 @@ thread_local! {
 /// one file always go to the same thread, since a file takes one write at
 /// a time (a second writer would only spin on the file's lock).
 struct Pool {
-    any: Sender<Task>,
-    writes: Vec<Sender<Task>>,
+    any: Sender<Work>,
+    writes: Vec<Sender<Work>>,
 }
 
 static POOL: OnceLock<Pool> = OnceLock::new();
@@ -85,11 +95,22 @@ pub fn offload(op: Op, cb: Rc<dyn OpCallback>, tag: u64) {
     } else {
         &pool.any
     };
-    if let Err(e) = queue.send(task) {
+    if let Err(e) = queue.send(Work::Io(task)) {
         // The threads are gone (only while the process exits): fail the request.
-        let t = e.into_inner();
-        finish(t.id, -libc::ESHUTDOWN, t.write, t.fd, t.fua, t.offset, t.buf, t.at, t.len);
+        if let Work::Io(t) = e.into_inner() {
+            finish(t.id, -libc::ESHUTDOWN, t.write, t.fd, t.fua, t.offset, t.buf, t.at, t.len);
+        }
     }
+}
+
+/// Runs `f` on an offload thread; the reply resolves to what it returns
+/// (or [`crate::reply::Canceled`] if the threads are gone). For blocking
+/// calls that must not run on a reactor.
+pub fn call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::reply::Reply<T> {
+    let (tx, rx) = crate::reply::reply();
+    // A refused send drops the closure and with it the reply's sender.
+    let _ = pool().any.send(Work::Call(Box::new(move || tx.send(f()))));
+    rx
 }
 
 fn pool() -> &'static Pool {
@@ -122,7 +143,7 @@ fn process_cores() -> Vec<usize> {
     }
 }
 
-fn serve(own: &Receiver<Task>, any: &Receiver<Task>, cores: &[usize]) {
+fn serve(own: &Receiver<Work>, any: &Receiver<Work>, cores: &[usize]) {
     // Threads start with their creator's affinity: a reactor's single core.
     let mut set = nix::sched::CpuSet::new();
     for &c in cores {
@@ -140,7 +161,14 @@ fn serve(own: &Receiver<Task>, any: &Receiver<Task>, cores: &[usize]) {
                 recv(any) -> t => t,
             },
         };
-        let Ok(mut t) = next else { return };
+        let mut t = match next {
+            Ok(Work::Io(t)) => t,
+            Ok(Work::Call(f)) => {
+                f();
+                continue;
+            }
+            Err(_) => return,
+        };
         let res = run(&mut t);
         let Task { id, reply, fd, write, fua, offset, buf, at, len } = t;
         reply.send(move || finish(id, res, write, fd, fua, offset, buf, at, len));
@@ -226,6 +254,25 @@ mod tests {
         let buf = IoBuf::new(4096);
         offload(Op::Read { fd: Arc::clone(&fd), offset: 1 << 20, buf, at: 0, len: 4096 }, seen.clone(), 9);
         assert_eq!(wait(&r, &seen).1, 0);
+    }
+
+    #[test]
+    fn calls_run_off_the_reactor_and_answer_it() {
+        let r = Reactor::new(None, ReactorOptions::default()).unwrap();
+        let _g = r.enter();
+        let me = std::thread::current().id();
+        let reply = call(move || std::thread::current().id() != me);
+        let mut fut = std::pin::pin!(reply);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        for _ in 0..100_000 {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                assert_eq!(v, Ok(true), "the call ran on another thread");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        panic!("no answer");
     }
 
     #[test]

@@ -67,8 +67,7 @@ impl Bdev for NullBdev {
     }
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
-        let queue =
-            (self.latency.is_zero()).then(|| CompletionQueue::new("null-co", execute));
+        let queue = (self.latency.is_zero()).then(|| CompletionQueue::new("null-co", execute));
         Ok(Rc::new(NullChannel { bdev: self, queue }))
     }
 

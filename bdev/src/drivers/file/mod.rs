@@ -185,16 +185,23 @@ impl FileBdev {
         }
     }
 
-    /// Data or hole at `offset`, by SEEK_DATA / SEEK_HOLE. Quick metadata
-    /// calls, made inline: the file systems we serve answer them from memory.
+    /// The answer the cached data extent gives for `offset`, if it covers it.
+    fn cached_status(&self, offset: u64, len: u64) -> Option<BlockStatus> {
+        let ext = *self.data_extent.lock().unwrap_or_else(|e| e.into_inner());
+        ext.filter(|&(a, b)| a <= offset && offset < b)
+            .map(|(_, b)| BlockStatus::data(b.min(offset + len) - offset, Some(offset)))
+    }
+
+    /// Data or hole at `offset`, by SEEK_DATA / SEEK_HOLE: system calls
+    /// that walk the file's extents and may wait for the disk, so they run
+    /// on an offload thread, never on a reactor.
     fn seek_status(&self, offset: u64, len: u64) -> Result<BlockStatus, IoError> {
+        #[cfg(test)]
+        tests::SEEKERS.lock().unwrap().push(std::thread::current().name().unwrap_or("").to_string());
         let fd = self.fd.as_fd();
         let end = offset + len;
-        if let Some((a, b)) = *self.data_extent.lock().unwrap_or_else(|e| e.into_inner())
-            && a <= offset
-            && offset < b
-        {
-            return Ok(BlockStatus::data(b.min(end) - offset, Some(offset)));
+        if let Some(st) = self.cached_status(offset, len) {
+            return Ok(st);
         }
         let off = offset as libc::off_t;
         match lseek(fd, off, Whence::SeekData) {
@@ -286,6 +293,50 @@ pub(crate) fn seek_status_async(
     offset: u64,
     len: u64,
 ) -> LocalBoxFuture<Result<BlockStatus, IoError>> {
-    let st = bdev.seek_status(offset, len);
-    Box::pin(async move { st })
+    // A copy walking a large data extent asks once, then from memory.
+    if let Some(st) = bdev.cached_status(offset, len) {
+        return Box::pin(async move { Ok(st) });
+    }
+    let bdev = Arc::clone(bdev);
+    let answer = reactor::offload::call(move || bdev.seek_status(offset, len));
+    Box::pin(async move { answer.await.map_err(|_| IoError::Canceled)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use crate::Graph;
+
+    /// Names of the threads that made SEEK_DATA/SEEK_HOLE calls.
+    pub(super) static SEEKERS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    #[test]
+    fn block_status_seeks_off_the_reactor() {
+        let cores = reactor::cpuset::allowed_cores().unwrap();
+        let reactors = reactor::Reactors::start(&cores[..1], false, reactor::ReactorOptions::default()).unwrap();
+        let mut graph = Graph::new(reactors.handles().to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], 1 << 20).unwrap();
+        let node = graph.add(json!({"driver": "file", "node-name": "f", "filename": path})).unwrap();
+        let n = std::sync::Arc::clone(&node);
+        let (hole, data) = reactors.handles()[0]
+            .run(move || async move {
+                let ch = n.channel().unwrap();
+                (ch.block_status(0, 8 << 20).await.unwrap(), ch.block_status(1 << 20, 4 << 20).await.unwrap())
+            })
+            .wait()
+            .unwrap();
+        assert!(hole.zero && !hole.data && hole.len == 1 << 20, "{hole:?}");
+        assert!(data.data && data.len == 65536, "{data:?}");
+        let seekers = SEEKERS.lock().unwrap().clone();
+        assert!(!seekers.is_empty() && seekers.iter().all(|t| t.starts_with("offload-")), "{seekers:?}");
+        drop(node);
+        graph.close_all();
+    }
 }
