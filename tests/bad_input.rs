@@ -5,9 +5,11 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::qsd::{Peer, Qsd, Reply};
 use support::{Daemon, Qmp};
 
 fn connect(d: &Daemon) -> UnixStream {
@@ -186,5 +188,114 @@ fn a_request_trickled_byte_by_byte_is_answered() {
     let r = read_reply(&s);
     assert_eq!(r["id"], 5);
     assert_eq!(r["error"]["code"], -32600);
+    d.ok("query-version", Value::Null);
+}
+
+// ---------------------------------------------------------------------------
+// Against qemu-storage-daemon: the same bad input to both, the same answer.
+
+/// A Spindle and a qemu-storage-daemon, each with 4 MiB null-co nodes
+/// `src` and `tgt` and an empty 4 MiB raw file `t.raw` in its directory.
+struct Pair {
+    spindle: Daemon,
+    qsd: Qsd,
+    qsd_dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let qsd_dir = tempfile::tempdir().unwrap();
+        let p = Pair { qsd: Qsd::start(qsd_dir.path()), spindle: Daemon::start(), qsd_dir };
+        for (sock, dir) in p.sides() {
+            let mut q = Peer::negotiated(&sock);
+            for node in ["src", "tgt"] {
+                let r = q.execute("blockdev-add", json!({"driver": "null-co", "node-name": node, "size": 4 << 20}));
+                assert_eq!(r, Reply::Return(json!({})), "{}", sock.display());
+            }
+            support::sparse_file(&dir.join("t.raw"), 4 << 20);
+        }
+        p
+    }
+
+    /// (QMP socket, directory) of qemu-storage-daemon, then of Spindle.
+    fn sides(&self) -> [(PathBuf, PathBuf); 2] {
+        [
+            (self.qsd.qmp.clone(), self.qsd_dir.path().to_path_buf()),
+            (self.spindle.qmp.clone(), self.spindle.dir.path().to_path_buf()),
+        ]
+    }
+}
+
+/// Reads the next JSON-RPC answer from `s`, or None once it closed.
+fn try_reply(s: &UnixStream) -> Option<Value> {
+    let mut line = String::new();
+    match BufReader::new(s).read_line(&mut line) {
+        Ok(n) if n > 0 => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))),
+        _ => None,
+    }
+}
+
+#[test]
+fn duplicate_keys_are_refused_on_both_transports_as_qemu_refuses_them() {
+    let p = Pair::start();
+    let refused = Reply::Error { class: "GenericError".into(), desc: "JSON parse error, duplicate key".into() };
+    for (sock, _) in p.sides() {
+        let mut q = Peer::negotiated(&sock);
+        for line in [
+            r#"{"execute":"query-version","execute":"quit"}"#,
+            r#"{"execute":"query-version","arguments":{"a":1,"a":2}}"#,
+            r#"{"execute":"query-version","id":{"a":1,"a":2}}"#,
+            r#"{"execute":"blockdev-del","arguments":{"node-name":"src","node-name":"tgt"}}"#,
+        ] {
+            q.send_raw(format!("{line}\n").as_bytes());
+            assert_eq!(q.reply(), refused, "{}: {line}", sock.display());
+        }
+        // Nothing ran (no quit, no node removed) and the session goes on.
+        assert!(matches!(q.execute("query-version", json!({})), Reply::Return(_)), "{}", sock.display());
+        let nodes = q.execute("query-named-block-nodes", json!({}));
+        let Reply::Return(Value::Array(nodes)) = nodes else { panic!("{}: {nodes:?}", sock.display()) };
+        assert_eq!(nodes.len(), 2, "{}", sock.display());
+    }
+    // JSON-RPC: a parse error, then the connection closes, as for any.
+    let d = &p.spindle;
+    let mut s = connect(d);
+    s.write_all(br#"{"jsonrpc":"2.0","id":1,"method":"query-version","method":"quit"}"#).unwrap();
+    let r = try_reply(&s).expect("an answer");
+    assert_eq!(r["error"]["code"], -32700, "{r}");
+    assert_eq!(r["error"]["message"], "JSON parse error, duplicate key");
+    assert!(closed(&s));
+    d.ok("query-version", Value::Null);
+}
+
+#[test]
+fn deep_nesting_is_refused_at_once_on_both_transports() {
+    let p = Pair::start();
+    let too_deep = Reply::Error { class: "GenericError".into(), desc: "JSON nesting depth limit exceeded".into() };
+    let mut input = vec![b'['; 100_000];
+    input.push(b'\n');
+    for (sock, _) in p.sides() {
+        let mut q = Peer::negotiated(&sock);
+        q.send_raw(&input);
+        // QEMU answers more after this one (its parser resynchronises
+        // differently); the first answer is what both must give.
+        assert_eq!(q.reply(), too_deep, "{}", sock.display());
+    }
+    // Spindle skips the rest of the line and serves the session on, and
+    // everyone else meanwhile.
+    let d = &p.spindle;
+    let mut q = Peer::negotiated(&d.qmp);
+    q.send_raw(&input[..50_000]);
+    assert_eq!(q.reply(), too_deep);
+    d.ok("query-version", Value::Null);
+    q.send_raw(&input[50_000..]);
+    assert!(matches!(q.execute("query-version", json!({})), Reply::Return(_)));
+    // JSON-RPC: a parse error at once (no newline, nowhere near the size
+    // limit), then the connection closes.
+    let mut s = connect(d);
+    s.write_all(&input[..100_000]).unwrap();
+    let r = try_reply(&s).expect("an answer before the request ends");
+    assert_eq!(r["error"]["code"], -32700, "{r}");
+    assert_eq!(r["error"]["message"], "JSON nesting depth limit exceeded");
+    assert!(closed(&s));
     d.ok("query-version", Value::Null);
 }
