@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -223,6 +223,52 @@ impl Pair {
             (self.qsd.qmp.clone(), self.qsd_dir.path().to_path_buf()),
             (self.spindle.qmp.clone(), self.spindle.dir.path().to_path_buf()),
         ]
+    }
+}
+
+/// `args` with `@DIR@` replaced by `dir`.
+fn in_dir(args: &Value, dir: &Path) -> Value {
+    serde_json::from_str(&args.to_string().replace("@DIR@", &dir.display().to_string())).unwrap()
+}
+
+/// `blockdev-mirror` of src into tgt, with `extra` members (null removes one).
+fn mirror(extra: Value) -> Value {
+    let mut a = json!({"job-id": "m", "device": "src", "target": "tgt", "sync": "full"});
+    for (k, v) in extra.as_object().unwrap() {
+        match v {
+            Value::Null => drop(a.as_object_mut().unwrap().remove(k)),
+            v => a[k] = v.clone(),
+        }
+    }
+    a
+}
+
+/// `drive-mirror` of src into the existing raw file `t.raw`, with `extra`.
+fn drive_mirror(extra: Value) -> Value {
+    let mut base = json!({"target": "@DIR@/t.raw", "format": "raw", "mode": "existing"});
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    mirror(base)
+}
+
+#[test]
+fn zero_granularity_and_buf_size_mean_the_default_as_in_qemu() {
+    let p = Pair::start();
+    for (sock, dir) in p.sides() {
+        let mut q = Peer::negotiated(&sock);
+        for (cmd, args) in [
+            ("blockdev-mirror", mirror(json!({"granularity": 0, "buf-size": 0}))),
+            ("drive-mirror", drive_mirror(json!({"granularity": 0, "buf-size": 0}))),
+        ] {
+            assert_eq!(q.execute(cmd, in_dir(&args, &dir)), Reply::Return(json!({})), "{}: {cmd}", sock.display());
+            assert_eq!(q.execute("job-cancel", json!({"id": "m"})), Reply::Return(json!({})));
+            let gone = q.wait_event(Duration::from_secs(30), |e| {
+                e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == "m" && e["data"]["status"] == "null"
+            });
+            assert!(gone, "{}: {cmd}: the job did not end: {:?}", sock.display(), q.events);
+            q.events.clear();
+        }
     }
 }
 
