@@ -252,6 +252,185 @@ fn drive_mirror(extra: Value) -> Value {
     mirror(base)
 }
 
+fn nbd_start(extra: Value) -> Value {
+    let mut a = json!({"addr": {"type": "unix", "data": {"path": "@DIR@/nbd.sock"}}});
+    for (k, v) in extra.as_object().unwrap() {
+        a[k] = v.clone();
+    }
+    a
+}
+
+#[test]
+fn bad_arguments_get_the_words_qemu_storage_daemon_gives() {
+    let p = Pair::start();
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("blockdev-mirror", mirror(json!({"granularity": -1})), "Parameter 'granularity' expects uint32_t"),
+        ("blockdev-mirror", mirror(json!({"granularity": 4294967296u64})), "Parameter 'granularity' expects uint32_t"),
+        ("blockdev-mirror", mirror(json!({"granularity": "x"})), "Parameter 'granularity' expects uint64"),
+        ("blockdev-mirror", mirror(json!({"granularity": 1.5})), "Parameter 'granularity' expects uint64"),
+        (
+            "blockdev-mirror",
+            mirror(json!({"granularity": 100})),
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        ),
+        ("blockdev-mirror", mirror(json!({"granularity": 3000})), "Parameter 'granularity' expects a power of 2"),
+        (
+            "blockdev-mirror",
+            mirror(json!({"granularity": 1 << 27})),
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        ),
+        ("blockdev-mirror", mirror(json!({"buf-size": -1})), "Invalid parameter 'buf-size'"),
+        (
+            "blockdev-mirror",
+            mirror(json!({"buf-size": 1.5})),
+            "Invalid parameter type for 'buf-size', expected: integer",
+        ),
+        (
+            "blockdev-mirror",
+            mirror(json!({"buf-size": 1u64 << 63})),
+            "Invalid parameter type for 'buf-size', expected: integer",
+        ),
+        (
+            "blockdev-mirror",
+            mirror(json!({"buf-size": "x"})),
+            "Invalid parameter type for 'buf-size', expected: integer",
+        ),
+        ("blockdev-mirror", mirror(json!({"speed": -1})), "Parameter 'speed' expects a non-negative value"),
+        ("blockdev-mirror", mirror(json!({"speed": "x"})), "Invalid parameter type for 'speed', expected: integer"),
+        ("blockdev-mirror", mirror(json!({"job-id2": "x"})), "Parameter 'job-id2' is unexpected"),
+        ("blockdev-mirror", mirror(json!({"sync": "bogus"})), "Parameter 'sync' does not accept value 'bogus'"),
+        ("blockdev-mirror", mirror(json!({"sync": 1})), "Invalid parameter type for 'sync', expected: string"),
+        ("blockdev-mirror", mirror(json!({"sync": null})), "Parameter 'sync' is missing"),
+        ("blockdev-mirror", mirror(json!({"sync": null, "bogus": 1})), "Parameter 'sync' is missing"),
+        (
+            "blockdev-mirror",
+            mirror(json!({"on-source-error": "bogus"})),
+            "Parameter 'on-source-error' does not accept value 'bogus'",
+        ),
+        (
+            "blockdev-mirror",
+            mirror(json!({"copy-mode": "bogus"})),
+            "Parameter 'copy-mode' does not accept value 'bogus'",
+        ),
+        (
+            "blockdev-mirror",
+            mirror(json!({"auto-finalize": "x"})),
+            "Invalid parameter type for 'auto-finalize', expected: boolean",
+        ),
+        ("blockdev-mirror", mirror(json!({"job-id": 5})), "Invalid parameter type for 'job-id', expected: string"),
+        (
+            "blockdev-mirror",
+            mirror(json!({"filter-node-name": 5})),
+            "Invalid parameter type for 'filter-node-name', expected: string",
+        ),
+        ("drive-mirror", drive_mirror(json!({"granularity": -1})), "Parameter 'granularity' expects uint32_t"),
+        ("drive-mirror", drive_mirror(json!({"mode": "bogus"})), "Parameter 'mode' does not accept value 'bogus'"),
+        ("drive-mirror", drive_mirror(json!({"format": 5})), "Invalid parameter type for 'format', expected: string"),
+        ("drive-mirror", drive_mirror(json!({"unmap": "x"})), "Invalid parameter type for 'unmap', expected: boolean"),
+        (
+            "block-commit",
+            json!({"job-id": "c", "device": "src", "speed": "x"}),
+            "Invalid parameter type for 'speed', expected: integer",
+        ),
+        (
+            "block-stream",
+            json!({"job-id": "s", "device": "src", "on-error": "bogus"}),
+            "Parameter 'on-error' does not accept value 'bogus'",
+        ),
+        (
+            "block-job-set-speed",
+            json!({"device": "j", "speed": "x"}),
+            "Invalid parameter type for 'speed', expected: integer",
+        ),
+        ("block-job-set-speed", json!({"devce": "j", "speed": 1}), "Parameter 'device' is missing"),
+        (
+            "block-job-set-speed",
+            json!({"device": "j", "speed": "x", "bogus": 1}),
+            "Invalid parameter type for 'speed', expected: integer",
+        ),
+        (
+            "block-job-cancel",
+            json!({"device": "j", "force": 1}),
+            "Invalid parameter type for 'force', expected: boolean",
+        ),
+        ("blockdev-del", json!({"node-name": ["a"]}), "Invalid parameter type for 'node-name', expected: string"),
+        ("blockdev-del", json!({"bogus": 1}), "Parameter 'node-name' is missing"),
+        ("query-version", json!({"x": 1}), "Parameter 'x' is unexpected"),
+        ("query-jobs", json!({"x": 1}), "Parameter 'x' is unexpected"),
+        ("nbd-server-start", nbd_start(json!({"max-connections": -1})), "Parameter 'max-connections' expects uint32_t"),
+        (
+            "nbd-server-start",
+            nbd_start(json!({"max-connections": 4294967296u64})),
+            "Parameter 'max-connections' expects uint32_t",
+        ),
+        ("nbd-server-start", nbd_start(json!({"max-connections": "x"})), "Parameter 'max-connections' expects uint64"),
+        (
+            "nbd-server-start",
+            nbd_start(json!({"handshake-max-seconds": -1})),
+            "Parameter 'handshake-max-seconds' expects uint32_t",
+        ),
+        ("nbd-server-start", json!({"addr": "x"}), "Invalid parameter type for 'addr', expected: object"),
+        ("nbd-server-start", json!({"addr": {"type": "bogus"}}), "Parameter 'type' does not accept value 'bogus'"),
+        ("nbd-server-start", json!({"addr": {"type": "unix", "data": {}}}), "Parameter 'addr.data.path' is missing"),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": 5}}}),
+            "Invalid parameter type for 'addr.data.path', expected: string",
+        ),
+        ("block-export-del", json!({"id": 5}), "Invalid parameter type for 'id', expected: string"),
+        ("block-export-del", json!({"id": "x", "mode": "bogus"}), "Parameter 'mode' does not accept value 'bogus'"),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "src", "writable": "yes"}),
+            "Invalid parameter type for 'writable', expected: boolean",
+        ),
+        (
+            "block-export-add",
+            json!({"type": "bogus", "id": "e", "node-name": "src"}),
+            "Parameter 'type' does not accept value 'bogus'",
+        ),
+        ("block-export-add", json!({"id": "e", "node-name": "src"}), "Parameter 'type' is missing"),
+        ("block-export-add", json!({"type": "nbd", "id": "e"}), "Parameter 'node-name' is missing"),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "src", "bogus": 1}),
+            "Parameter 'bogus' is unexpected",
+        ),
+    ];
+    // The QMP envelope, sent as lines.
+    let lines: &[(&str, &str)] = &[
+        (r#"{"arguments": {}}"#, "QMP input lacks member 'execute'"),
+        (r#"{"execute": 1}"#, "QMP input member 'execute' must be a string"),
+        (r#"{"execute": "query-version", "bogus": 1}"#, "QMP input member 'bogus' is unexpected"),
+        (r#"{"execute": "query-version", "arguments": []}"#, "QMP input member 'arguments' must be an object"),
+        (r#"{"execute": "query-version", "arguments": null}"#, "QMP input member 'arguments' must be an object"),
+        ("[1]", "QMP input must be a JSON object"),
+        (r#""x""#, "QMP input must be a JSON object"),
+    ];
+    let mut wrong = Vec::new();
+    for (sock, dir) in p.sides() {
+        let mut q = Peer::negotiated(&sock);
+        for (cmd, args, want) in &cases {
+            let got = q.execute(cmd, in_dir(args, &dir));
+            if got.desc() != Some(want) {
+                wrong.push(format!("{}: {cmd} {args}: {got:?}, want {want:?}", sock.display()));
+            }
+        }
+        for (line, want) in lines {
+            q.send_raw(format!("{line}\n").as_bytes());
+            let got = q.reply();
+            if got.desc() != Some(want) {
+                wrong.push(format!("{}: {line}: {got:?}, want {want:?}", sock.display()));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+    // Over JSON-RPC the same words, as invalid params.
+    let (code, msg, _) = p.spindle.err("blockdev-mirror", mirror(json!({"granularity": -1})));
+    assert_eq!((code, msg.as_str()), (-32602, "Parameter 'granularity' expects uint32_t"));
+    assert_eq!(p.spindle.ok("query-named-block-nodes", json!({})).as_array().unwrap().len(), 2, "nothing was left");
+}
+
 #[test]
 fn zero_granularity_and_buf_size_mean_the_default_as_in_qemu() {
     let p = Pair::start();
