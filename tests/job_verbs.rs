@@ -260,6 +260,7 @@ fn running_job_every_verb_then_concluded_every_verb() {
             by_id("job-pause", OK),
             by_id("job-resume", OK),
             by_id("job-cancel", OK),
+            block_cancel(false, OK),
             block_cancel(true, OK),
             by_id("job-complete", OK),
             by_id("job-finalize", OK),
@@ -273,6 +274,11 @@ fn running_job_every_verb_then_concluded_every_verb() {
 #[test]
 fn running_job_block_job_cancel_without_force_is_forced() {
     compare("running, soft cancel", Kind::Slow, true, true, vec![block_cancel(false, Wait::Status("null"))]);
+}
+
+#[test]
+fn running_job_block_job_cancel_with_force() {
+    compare("running, forced cancel", Kind::Slow, true, true, vec![block_cancel(true, Wait::Status("null"))]);
 }
 
 #[test]
@@ -360,6 +366,11 @@ fn ready_job_soft_cancel_finishes_without_pivot() {
 }
 
 #[test]
+fn ready_job_job_cancel() {
+    compare("ready, job-cancel", Kind::Ready, true, true, vec![by_id("job-cancel", Wait::Status("null"))]);
+}
+
+#[test]
 fn ready_job_forced_cancel() {
     compare("ready, forced cancel", Kind::Ready, true, true, vec![block_cancel(true, Wait::Status("null"))]);
 }
@@ -422,4 +433,22 @@ fn job_paused_by_an_error_under_stop_is_cancelled() {
             by_id("job-dismiss", Wait::Status("null")),
         ],
     );
+}
+
+#[test]
+fn pending_job_job_cancel_and_forced_block_job_cancel() {
+    for cancel in [by_id("job-cancel", Wait::Status("concluded")), block_cancel(true, Wait::Status("concluded"))] {
+        compare(
+            "pending, forced cancel",
+            Kind::Ready,
+            false,
+            false,
+            vec![
+                by_device("block-job-complete", Wait::Event("BLOCK_JOB_PENDING")),
+                cancel,
+                step("query-jobs", json!({}), OK),
+                by_id("block-job-dismiss", Wait::Status("null")),
+            ],
+        );
+    }
 }
