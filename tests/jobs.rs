@@ -426,6 +426,40 @@ fn pause_resume_speed_and_a_soft_cancel_after_ready() {
     qio(&tgt, &["read -P 0x63 1M 64k"]);
 }
 
+/// A job paused when the daemon stops is cancelled like any other: it
+/// resumes, aborts and concludes, and the daemon exits cleanly (a
+/// paused job used to refuse paused -> aborting and stay stuck).
+#[test]
+fn paused_and_standby_jobs_end_at_shutdown() {
+    let mut d = Daemon::start();
+    let _ = mirror_pair(&d);
+    let small = create(&d, "small.qcow2", "1M", None);
+    let small_tgt = create(&d, "small-tgt.qcow2", "1M", None);
+    add_qcow2(&d, "small", &small);
+    add_qcow2(&d, "small-tgt", &small_tgt);
+    let mut q = Qmp::negotiated(&d.qmp);
+    slow_mirror(&mut q, "p1");
+    exec_ok(&mut q, "job-pause", json!({"id": "p1"}));
+    exec_ok(
+        &mut q,
+        "blockdev-mirror",
+        json!({"job-id": "p2", "device": "small", "target": "small-tgt", "sync": "full"}),
+    );
+    until(&mut q, "BLOCK_JOB_READY", "p2");
+    exec_ok(&mut q, "job-pause", json!({"id": "p2"}));
+    for (id, status) in [("p1", "paused"), ("p2", "standby")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while block_job(&d, id)["status"] != status {
+            assert!(Instant::now() < deadline, "{id} never became {status}");
+            let _ = until(&mut q, "JOB_STATUS_CHANGE", id);
+        }
+    }
+    d.shutdown();
+    let log = d.log_text();
+    assert!(!log.contains("illegal job status transition"), "{log}");
+    assert!(!log.contains("did not stop in time"), "{log}");
+}
+
 #[test]
 fn auto_finalize_and_auto_dismiss_off_wait_for_the_user() {
     let d = Daemon::start();

@@ -201,7 +201,13 @@ fn runs_inside_a_daemon() {
         json!({"node-name": "m0", "workload": "read", "queue_depth": 1, "io_size": 4096, "time_in_sec": 1}),
     );
     assert_eq!(code, -19, "{msg}");
+    // A missing member is named before an unexpected one, as QEMU does.
     let (code, msg, _) = d.err("perf_start", json!({"node-name": "m0", "workload": "read", "bogus": 1}));
+    assert_eq!((code, msg.as_str()), (-32602, "Parameter 'queue_depth' is missing"));
+    let (code, msg, _) = d.err(
+        "perf_start",
+        json!({"node-name": "m0", "workload": "read", "queue_depth": 1, "io_size": 4096, "time_in_sec": 1, "bogus": 1}),
+    );
     assert_eq!((code, msg.as_str()), (-32602, "Parameter 'bogus' is unexpected"));
     assert_eq!(d.stop().code(), Some(0));
 }

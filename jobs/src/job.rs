@@ -356,16 +356,14 @@ impl JobCtx {
     }
 
     /// Pauses here while a pause is requested (status paused or standby,
-    /// not busy) and resumes when it is lifted. Returns at once if the job
-    /// is force-cancelled.
+    /// not busy) and resumes when it is lifted. A forced cancel ends the
+    /// pause as a resume does — paused becomes running, standby ready, as
+    /// in QEMU — so the job ends from a status that may become aborting.
     pub async fn pause_point(&self) {
         loop {
             let seen = {
                 let mut st = self.job.lock();
-                if st.force_cancelled() {
-                    return;
-                }
-                if st.pause_count == 0 {
+                if st.pause_count == 0 || st.force_cancelled() {
                     if let Some(r) = st.status.resumed_form() {
                         self.job.transition(&mut st, r);
                     }

@@ -238,14 +238,18 @@ impl JobManager {
     }
 
     /// `job-resume` / `block-job-resume`: lifts a user pause; the I/O
-    /// status goes back to ok and failed ranges are retried.
+    /// status goes back to ok and failed ranges are retried. As in QEMU,
+    /// a job that is not paused says so before the verb table is asked
+    /// (a pending or concluded job answers "not paused", not "cannot
+    /// accept command verb").
     pub fn resume(&mut self, id: &str, block: bool) -> Result<(), JobError> {
+        let i = self.index(id, block)?;
+        if !self.entries[i].job.lock().user_paused {
+            return Err(JobError::Invalid("Can't resume a job that was not paused".into()));
+        }
         let i = self.with_verb(id, block, Verb::Resume)?;
         let job = &self.entries[i].job;
         let mut st = job.lock();
-        if !st.user_paused {
-            return Err(JobError::Invalid("Can't resume a job that was not paused".into()));
-        }
         st.user_paused = false;
         st.pause_count -= 1;
         st.io_status = crate::job::IoStatus::Ok;
@@ -282,13 +286,16 @@ impl JobManager {
 
     /// `job-cancel` (always forced) / `block-job-cancel` (`force` as given:
     /// without it a ready mirror finishes without pivoting).
+    /// A user-paused job refuses a soft `block-job-cancel` before the verb
+    /// table is asked, as in QEMU.
     pub fn cancel(&mut self, graph: &mut Graph, id: &str, force: bool, block: bool) -> Result<(), JobError> {
+        let i = self.index(id, block)?;
+        if block && !force && self.entries[i].job.lock().user_paused {
+            return Err(JobError::Invalid(format!("The block job for device '{id}' is currently paused")));
+        }
         let i = self.with_verb(id, block, Verb::Cancel)?;
         let job = Arc::clone(&self.entries[i].job);
         let mut st = job.lock();
-        if block && !force && st.user_paused {
-            return Err(JobError::Invalid(format!("The block job for device '{id}' is currently paused")));
-        }
         let soft = !force && st.ready();
         st.cancelled = true;
         st.force = !soft;
@@ -439,3 +446,6 @@ impl JobManager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -97,8 +97,10 @@ pub struct MirrorConfig {
     pub target: Arc<Node>,
     pub sync: SyncMode,
     pub speed: u64,
+    /// None: the default (see [`default_granularity`]).
     pub granularity: Option<u64>,
-    pub buf_size: Option<u64>,
+    /// QEMU's `buf-size` (an int): None or 0 is the default, negative is refused.
+    pub buf_size: Option<i64>,
     pub on_source_error: OnError,
     pub on_target_error: OnError,
     pub unmap: bool,
@@ -401,17 +403,18 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
             source.name()
         )));
     }
+    // QEMU's checks, in QEMU's order: the range, then the power of two.
     let granularity = cfg.granularity.unwrap_or_else(|| default_granularity(source));
-    if !granularity.is_power_of_two() {
-        return Err(invalid("Parameter 'granularity' expects a power of 2".into()));
-    }
     if !(GRANULARITY_MIN..=GRANULARITY_MAX).contains(&granularity) {
         return Err(invalid("Parameter 'granularity' expects a value in range [512B, 64MB]".into()));
     }
+    if !granularity.is_power_of_two() {
+        return Err(invalid("Parameter 'granularity' expects a power of 2".into()));
+    }
     let buf_size = match cfg.buf_size {
-        Some(0) => return Err(invalid("Parameter 'buf-size' must be greater than 0".into())),
-        Some(b) => b.next_multiple_of(granularity),
-        None => BUF_SIZE_DEFAULT.max(granularity),
+        Some(b) if b < 0 => return Err(invalid("Invalid parameter 'buf-size'".into())),
+        None | Some(0) => BUF_SIZE_DEFAULT.max(granularity),
+        Some(b) => (b as u64).next_multiple_of(granularity),
     };
     jobs.check_new_id(&cfg.job_id)?;
     jobs.check_free(source)?;

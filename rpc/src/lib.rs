@@ -11,7 +11,8 @@
 //!                                  │  Graph, reactors
 //! ```
 //!
-//! - [`framing`]: JSON values out of a byte stream.
+//! - [`framing`]: JSON values out of a byte stream (bounded in size and
+//!   depth, each key once per object).
 //! - [`jsonrpc`], [`qmp`]: the two protocols, as pure functions.
 //! - [`server`]: Unix-socket listeners, per-connection threads.
 //! - [`event`]: events fanned out to every client.

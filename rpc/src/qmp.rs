@@ -30,9 +30,10 @@ fn generic(desc: impl Into<String>) -> Value {
     error("GenericError", desc)
 }
 
-/// The reply to an unparsable line.
+/// The reply to an unparsable or refused line; `message` comes from the
+/// framer, already in QEMU's words.
 pub fn parse_error(message: &str) -> Value {
-    generic(format!("JSON parse error, {message}"))
+    generic(message)
 }
 
 /// One session's negotiation state.
@@ -182,6 +183,9 @@ mod tests {
             assert_eq!(s.handle(&D, req.clone()), json!({"error": {"class": "GenericError", "desc": desc}}), "{req}");
         }
         assert!(s.handle(&D, json!({"exec-oob": "echo"}))["error"]["desc"].as_str().unwrap().contains("Out-of-band"));
-        assert!(parse_error("x")["error"]["desc"].as_str().unwrap().starts_with("JSON parse error"));
+        assert_eq!(
+            parse_error(crate::framing::DUPLICATE_KEY),
+            json!({"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}})
+        );
     }
 }

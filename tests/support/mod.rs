@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod nbd_client;
+pub mod qsd;
 pub mod rng;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -196,10 +196,10 @@ struct BlockdevMirrorParams {
     sync: MirrorSync,
     #[serde(default)]
     speed: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "granularity")]
     granularity: Option<u64>,
     #[serde(default)]
-    buf_size: Option<u64>,
+    buf_size: Option<i64>,
     #[serde(default)]
     on_source_error: OnError,
     #[serde(default)]
@@ -212,6 +212,11 @@ struct BlockdevMirrorParams {
     auto_finalize: Option<bool>,
     #[serde(default)]
     auto_dismiss: Option<bool>,
+}
+
+/// QEMU's `granularity` (a uint32): 0, as absence, means the default.
+fn granularity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(Option::<u32>::deserialize(d)?.filter(|&g| g != 0).map(u64::from))
 }
 
 fn check_replaces(replaces: Option<&str>, device: &str) -> Result<(), RpcError> {
@@ -394,10 +399,10 @@ struct DriveMirrorParams {
     mode: NewImageMode,
     #[serde(default)]
     speed: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "granularity")]
     granularity: Option<u64>,
     #[serde(default)]
-    buf_size: Option<u64>,
+    buf_size: Option<i64>,
     #[serde(default)]
     on_source_error: OnError,
     #[serde(default)]

@@ -26,19 +26,22 @@ pub(crate) fn parse_addr(v: &Value) -> Result<ListenAddr, RpcError> {
         .get("type")
         .and_then(Value::as_str)
         .ok_or_else(|| RpcError::invalid_params("Parameter 'addr.type' is missing"))?;
-    let data: &Map<String, Value> = match obj.get("data") {
-        Some(Value::Object(d)) => d,
+    // Members are named as QEMU names them: `addr.data.path` in the
+    // legacy form, `addr.path` in the flat one.
+    let (data, prefix): (&Map<String, Value>, &str) = match obj.get("data") {
+        Some(Value::Object(d)) => (d, "addr.data"),
         Some(_) => return Err(RpcError::invalid_params("Invalid parameter type for 'addr.data', expected: object")),
-        None => obj,
+        None => (obj, "addr"),
     };
     let field = |k: &str| -> Result<String, RpcError> {
         match data.get(k) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Number(n)) => Ok(n.to_string()),
+            // QEMU wants a string; `spindle rpc addr.data.port=10809` sends a number.
+            Some(Value::Number(n)) if k == "port" => Ok(n.to_string()),
             Some(_) => {
-                Err(RpcError::invalid_params(format!("Invalid parameter type for 'addr.{k}', expected: string")))
+                Err(RpcError::invalid_params(format!("Invalid parameter type for '{prefix}.{k}', expected: string")))
             }
-            None => Err(RpcError::invalid_params(format!("Parameter 'addr.{k}' is missing"))),
+            None => Err(RpcError::invalid_params(format!("Parameter '{prefix}.{k}' is missing"))),
         }
     };
     match kind {
@@ -54,7 +57,8 @@ pub(crate) fn parse_addr(v: &Value) -> Result<ListenAddr, RpcError> {
             Ok(ListenAddr::Tcp(addr))
         }
         "unix" => Ok(ListenAddr::Unix(field("path")?.into())),
-        other => Err(RpcError::invalid_params(format!("Parameter 'addr.type' does not accept value '{other}'"))),
+        // QEMU names the union's discriminator without its parent.
+        other => Err(RpcError::invalid_params(format!("Parameter 'type' does not accept value '{other}'"))),
     }
 }
 
@@ -62,15 +66,16 @@ pub(crate) fn parse_addr(v: &Value) -> Result<ListenAddr, RpcError> {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct StartParams {
     addr: Value,
+    /// QEMU's uint32, as `handshake-max-seconds`.
     #[serde(default)]
-    max_connections: Option<u64>,
+    max_connections: Option<u32>,
     #[serde(default)]
     tls_creds: Option<String>,
     #[serde(default)]
     tls_authz: Option<String>,
     #[serde(default)]
     #[allow(dead_code)]
-    handshake_max_seconds: Option<u64>,
+    handshake_max_seconds: Option<u32>,
 }
 
 pub(super) fn nbd_server_start(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
