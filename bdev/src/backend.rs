@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -30,6 +31,17 @@ use crate::io::{BlockStatus, Done, Io, IoDone};
 
 /// In-flight counter slots (reactors hash onto them by id).
 const SLOTS: usize = 64;
+
+/// How long the graph waits for a user's requests to drain after moving
+/// it to another root before it gives up (see [`Backend::wait_drained`]).
+pub const DRAIN_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Requests sent under an old root did not finish in time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("requests of {holder} did not finish within {secs} s", secs = DRAIN_WAIT_MAX.as_secs())]
+pub struct DrainTimeout {
+    pub holder: String,
+}
 
 /// One slot: requests in flight under even and odd generations, on its
 /// own cache lines.
@@ -120,13 +132,20 @@ impl Backend {
         self.inflight.iter().all(|s| s.0[parity].load(Ordering::SeqCst) == 0)
     }
 
-    /// Blocks the calling (control) thread until [`Backend::drained`].
-    pub fn wait_drained(&self, generation: u64) {
-        let mut pause = std::time::Duration::from_micros(50);
+    /// Blocks the calling (control) thread until [`Backend::drained`], or
+    /// fails once `deadline` passes: a request that never completes (a
+    /// device that stopped answering) must not hang the control plane.
+    pub fn wait_drained(&self, generation: u64, deadline: Instant) -> Result<(), DrainTimeout> {
+        let mut pause = Duration::from_micros(50);
         while !self.drained(generation) {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DrainTimeout { holder: self.holder.clone() });
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
+        Ok(())
     }
 
     /// A channel for the calling reactor (one per user and reactor).

@@ -40,7 +40,7 @@ pub mod io;
 pub mod lock;
 pub mod options;
 
-pub use backend::{Backend, BackendChannel};
+pub use backend::{Backend, BackendChannel, DRAIN_WAIT_MAX, DrainTimeout};
 pub use bdev::{Bdev, BdevInfo, Channel, EventSink, LocalBoxFuture};
 pub use channel::{BlockChannel, ChannelPolicy, IO_BYTES_MAX, IoFuture};
 pub use error::{BdevError, IoError};

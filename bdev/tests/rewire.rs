@@ -51,7 +51,7 @@ fn a_backend_moves_to_a_new_root_and_drains_the_old_one() {
     };
     env.reactors.handles()[1].run(move || write(be, 1)).wait().unwrap().unwrap();
     let old = backend.replace_root(&b).unwrap();
-    assert!(backend.drained(old));
+    backend.wait_drained(old, std::time::Instant::now() + bdev::DRAIN_WAIT_MAX).unwrap();
     assert_eq!(backend.root().name(), "b");
     assert!(a.users().is_empty() && a.holders().is_empty(), "the old root is released");
     assert_eq!(b.users().len(), 1);
@@ -68,6 +68,37 @@ fn a_backend_moves_to_a_new_root_and_drains_the_old_one() {
     assert_eq!(backend.root().name(), "b");
     drop(backend);
     assert!(b.holders().is_empty());
+}
+
+#[test]
+fn waiting_for_a_request_that_never_completes_gives_up() {
+    let mut env = Env::new();
+    env.add(json!({"driver": "malloc", "node-name": "m", "size": 4 * MIB}));
+    // Writes take an hour: one in flight will not finish during the test.
+    let slow =
+        env.add(json!({"driver": "delay", "node-name": "slow", "file": "m", "write-latency-ns": 3_600_000_000_000u64}));
+    let other = env.add(json!({"driver": "malloc", "node-name": "o", "size": 4 * MIB}));
+    let backend = Backend::new(&slow, "export 'e'", Access::Write).unwrap();
+    let be = Arc::clone(&backend);
+    env.reactors.handles()[1]
+        .run(move || async move {
+            let ch = be.channel().unwrap();
+            struct Never;
+            impl bdev::IoDone for Never {
+                fn io_done(&self, _tag: u64, _io: bdev::Io, _res: Result<(), bdev::IoError>) {}
+            }
+            let done = bdev::Done::new(std::rc::Rc::new(Never), 0);
+            ch.submit(bdev::Io::write(0, IoBuf::zeroed(4096), IoFlags::NONE), done);
+        })
+        .wait()
+        .unwrap();
+    let old = backend.replace_root(&other).unwrap();
+    let t0 = std::time::Instant::now();
+    let e = backend.wait_drained(old, t0 + std::time::Duration::from_millis(200)).unwrap_err();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the wait ends at its deadline");
+    assert_eq!(e.to_string(), "requests of export 'e' did not finish within 30 s");
+    // New requests go to the new root meanwhile.
+    assert_eq!(backend.root().name(), "o");
 }
 
 #[test]

@@ -495,25 +495,10 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
     };
     // Move the users onto the filter; once their requests to the source
     // are done, the filter sees every write.
-    let users = source.users();
-    let mut moved: Vec<Arc<Backend>> = Vec::new();
-    for b in &users {
-        match b.replace_root(&filter_node) {
-            Ok(g) => {
-                b.wait_drained(g);
-                moved.push(Arc::clone(b));
-            }
-            Err(e) => {
-                for m in &moved {
-                    if let Ok(g) = m.replace_root(source) {
-                        m.wait_drained(g);
-                    }
-                }
-                let _ = graph.remove_internal(filter_node.name());
-                drop_filter_state(&home);
-                return Err(bdev_err(e));
-            }
-        }
+    if let Err(e) = move_users(&source.users(), &filter_node, Some(source)) {
+        let _ = graph.remove_internal(filter_node.name());
+        drop_filter_state(&home);
+        return Err(JobError::Failed(e));
     }
 
     // From now on the source's users are the filter's, and move with it.
@@ -859,19 +844,52 @@ impl MirrorHooks {
         let to = if to_target { &self.target } else { &self.source };
         if to_target {
             // The users take over the target from the job.
-            self.target_claim = None;
+            let claim = self.target_claim.take();
+            if let Err(e) = move_users(&filter_node.users(), to, Some(filter_node)) {
+                // Still the job's: the abort moves the users to the source.
+                self.target_claim = claim;
+                return Err(e);
+            }
+            return Ok(());
         }
-        for b in filter_node.users() {
-            match b.replace_root(to) {
-                Ok(g) => b.wait_drained(g),
-                Err(e) => {
-                    tracing::error!(backend = %b.holder(), error = %e, "moving a mirror's user failed");
-                    return Err(e.to_string());
-                }
+        // Back to the source, where a late request lands anyway: the users
+        // stay there whatever happens.
+        move_users(&filter_node.users(), to, None)
+    }
+}
+
+/// Moves `users` to `to` and waits until no request of theirs is still on
+/// the way to their old root (a write in flight there would be missed).
+/// If one does not finish in time, or a user cannot move, every user goes
+/// back to `back` (when given) and nothing has changed.
+fn move_users(users: &[Arc<Backend>], to: &Arc<Node>, back: Option<&Arc<Node>>) -> Result<(), String> {
+    let restore = |moved: &[(Arc<Backend>, u64)]| {
+        for (b, _) in moved {
+            if let Some(Err(e)) = back.map(|n| b.replace_root(n)) {
+                tracing::error!(backend = %b.holder(), error = %e, "moving a user back failed");
             }
         }
-        Ok(())
+    };
+    let mut moved = Vec::new();
+    for b in users {
+        match b.replace_root(to) {
+            Ok(g) => moved.push((Arc::clone(b), g)),
+            Err(e) => {
+                restore(&moved);
+                return Err(e.to_string());
+            }
+        }
     }
+    let deadline = std::time::Instant::now() + bdev::DRAIN_WAIT_MAX;
+    for (b, g) in &moved {
+        if let Err(e) = b.wait_drained(*g, deadline) {
+            tracing::error!(backend = %b.holder(), error = %e, "a user's requests did not drain");
+            restore(&moved);
+            let stay = back.unwrap_or(to);
+            return Err(format!("{e}; the users stay on '{}'", stay.name()));
+        }
+    }
+    Ok(())
 }
 
 impl JobHooks for MirrorHooks {
