@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 export RUST_BACKTRACE=1
+# Formatting and lints first: the workspace's unsafe-documentation lints
+# are only promises until something enforces them.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast --lib --bins --tests -- --test-threads="${TEST_THREADS:-2}"
 # Criterion benches in test mode: each benchmark runs once.

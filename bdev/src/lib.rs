@@ -1,15 +1,18 @@
 //! Spindle's block device layer.
 //!
 //! ```text
-//!            users (NBD exports, jobs, x-debug-io, perf)
-//!                              │  Io + Done
+//!        users (NBD exports, jobs, x-debug-io, perf) ── Backend (backend.rs):
+//!                              │  Io + Done           a root that jobs replace
 //!                    ┌─────────▼──────────┐
 //!                    │ BlockChannel       │ bounds, read-only, discard /
 //!                    │ (channel.rs)       │ detect-zeroes, alignment bounce
 //!                    └─────────┬──────────┘
-//!                  dyn Channel │ one per (node, reactor)
-//!        ┌─────────────────────┼──────────────────────┐
-//!   file (io_uring)      malloc (RAM)           null-co (nothing)
+//!                  dyn Channel │ one per (node, reactor); ForwardChannel
+//!                              │ (forward.rs) to a driver's home reactor
+//!   formats and filters:  qcow2 (drivers/qcow2/), raw, blkdebug, delay
+//!                              │ child claims (graph.rs, lock.rs)
+//!   storage:              file (io_uring), malloc (RAM), null-co
+//!                         (nbd, the client driver, lives in the nbd crate)
 //! ```
 //!
 //! - [`io`]: the request ([`Io`]) and completion ([`Done`]) types, block status.
@@ -19,9 +22,11 @@
 //! - [`graph`]: named nodes, children, claims; `blockdev-add`/`-del`.
 //! - [`lock`]: permissions of claims, QEMU-compatible image locks, and the
 //!   registry of open files that keeps files in use from being recreated.
+//! - [`backend`]: users' handles on a replaceable root.
 //! - [`options`]: QEMU-shaped option reading.
 //! - [`forward`]: channels that send requests to a driver's home reactor.
-//! - [`drivers`]: `file`, `malloc`, `null-co`.
+//! - [`drivers`]: `file`, `malloc`, `null-co`, `raw`, `qcow2`, `blkdebug`,
+//!   `delay`.
 //!
 //! Completions are never delivered inside `submit`; every failure travels
 //! the completion path.

@@ -6,6 +6,8 @@
 //!   status.rs    statuses, transitions, the verb table
 //!   job.rs       a job's shared state; JobCtx, the job's own handle
 //!   manager.rs   the job table and a job's life on the control thread
+//!                (manager/tests.rs: every verb from every status)
+//!   copies.rs    the bounded copy machinery commit and stream share
 //!   ratelimit.rs the speed limit
 //!   dirty.rs     dirty bitmaps
 //!   locks.rs     range locks between copies and write-blocking writes

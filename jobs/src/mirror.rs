@@ -97,7 +97,7 @@ pub struct MirrorConfig {
     pub target: Arc<Node>,
     pub sync: SyncMode,
     pub speed: u64,
-    /// None: the default (see [`default_granularity`]).
+    /// None: 4 KiB, doubled while the dirty bitmap would exceed its bound.
     pub granularity: Option<u64>,
     /// QEMU's `buf-size` (an int): None or 0 is the default, negative is refused.
     pub buf_size: Option<i64>,

@@ -1,9 +1,16 @@
 //! NBD: the wire codec, the export server and the NBD client driver. Kept
 //! apart from `bdev` so the device layer never depends on networking.
 //!
-//! The wire codec is here; the server and the client driver land on top of
-//! it. The codec does no I/O: it turns bytes into typed messages and back,
-//! for both sides of the connection, and never panics on any input.
+//! ```text
+//!   server/ (exports, negotiate, transmit) ─┐         ┌─ client/ (the nbd driver)
+//!                                           ▼         ▼
+//!              handshake.rs, transmission.rs: the codec (no I/O)
+//!                                           │
+//!                      sock.rs: socket I/O on the reactor's io_uring
+//! ```
+//!
+//! The codec does no I/O: it turns bytes into typed messages and back, for
+//! both sides of the connection, and never panics on any input.
 //!
 //! - [`consts`]: every magic, flag, code and error value of the protocol,
 //!   plus the size limits (`OPTION_BYTES_MAX`, header sizes, ...).

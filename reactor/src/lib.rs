@@ -13,10 +13,11 @@
 //!
 //! - [`reactor`]: the loop, [`Handle`] for other threads, poll modes.
 //! - [`executor`]: `!Send` tasks on their reactor ([`spawn_local`]).
-//! - [`offload`]: file reads and writes on unpinned threads (tmpfs copies).
+//! - [`offload`](mod@offload): file reads and writes (tmpfs copies) and other blocking
+//!   calls (`lseek` for block status) on unpinned threads.
 //! - [`poller`]: busy/idle pollers, active and timed.
 //! - [`timer`]: `sleep` and `timeout` for tasks.
-//! - [`reply`]: one-shot answers for cross-thread calls.
+//! - [`reply`](mod@reply): one-shot answers for cross-thread calls.
 //! - [`sync`]: an async mutex for tasks of one reactor.
 //! - [`uring`]: the io_uring, its in-flight table and [`Op`]s — `unsafe`.
 //! - [`buf`]: aligned [`IoBuf`]s, their per-thread pool, [`MemRegion`] — `unsafe`.

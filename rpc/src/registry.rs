@@ -64,7 +64,7 @@ impl<C> Registry<C> {
 /// Decodes a command's params into `T` (which should deny unknown fields).
 /// Absent or null params decode as an empty object; positional (array)
 /// params are refused. Every mistake is reported in QEMU's words, never
-/// the deserializer's (see [`qemu_wording`]).
+/// the deserializer's (see `qemu_wording`).
 pub fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
     let mut value = match params {
         None | Some(Value::Null) => Value::Object(Map::new()),
