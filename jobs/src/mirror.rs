@@ -430,8 +430,8 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
     let target_claim = target.claim(holder.clone(), target_perms).map_err(|e| JobError::Busy(e.to_string()))?;
     let source_claim = source.claim(holder.clone(), Access::Read).map_err(bdev_err)?;
 
-    // The filter over the source, its state on the home reactor.
-    let home = graph.main_reactor().clone();
+    // The filter over the source and the job, on the source's home.
+    let home = crate::chain::home(graph, source);
     let id = NEXT_FILTER.fetch_add(1, Ordering::Relaxed);
     let job = JobShared::new(
         cfg.job_id.clone(),
@@ -530,6 +530,7 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
         NewJob {
             id: cfg.job_id,
             kind: cfg.kind,
+            home: Some(home.clone()),
             auto_finalize: cfg.auto_finalize,
             auto_dismiss: cfg.auto_dismiss,
             speed: cfg.speed,
@@ -843,14 +844,10 @@ impl MirrorHooks {
         let Some(filter_node) = &self.filter else { return Ok(()) };
         let to = if to_target { &self.target } else { &self.source };
         if to_target {
-            // The users take over the target from the job.
-            let claim = self.target_claim.take();
-            if let Err(e) = move_users(&filter_node.users(), to, Some(filter_node)) {
-                // Still the job's: the abort moves the users to the source.
-                self.target_claim = claim;
-                return Err(e);
-            }
-            return Ok(());
+            // The users take over the target from the job. Should they not
+            // get there, the job fails and its abort moves them to the source.
+            self.target_claim = None;
+            return move_users(&filter_node.users(), to, Some(filter_node));
         }
         // Back to the source, where a late request lands anyway: the users
         // stay there whatever happens.
