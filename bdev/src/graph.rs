@@ -32,6 +32,11 @@ pub type OpenFn = fn(&mut OpenCtx<'_>, OptReader) -> Result<Arc<dyn Bdev>, BdevE
 
 static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How much busier (as a fraction of its time) the first reactor with the
+/// fewest nodes must be than another before a new node goes to the other:
+/// below this, placement stays predictable.
+const PLACE_BUSY_MARGIN: f64 = 0.2;
+
 /// What a claim allows its holder to do (the usual cases of [`Perms`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -338,6 +343,17 @@ impl OpenCtx<'_> {
         &self.graph.main
     }
 
+    /// The reactor a node with state of its own (a format driver, a
+    /// network client) lives on: that of the chain it joins — the first
+    /// child opened so far that has a home — else the one
+    /// [`Graph::place`] picks. Ask after opening the children.
+    pub fn home(&self) -> Handle {
+        if let Some(h) = &self.graph.home_override {
+            return h.clone();
+        }
+        self.children.iter().find_map(|c| c.node().home()).unwrap_or_else(|| self.graph.place())
+    }
+
     /// Resolves a child reference — a node name, or an inline options object
     /// (creating an implicit node, which inherits `read-only` and
     /// `force-share` as in QEMU) — and claims it for this node.
@@ -388,6 +404,8 @@ pub struct Graph {
     reactors: Vec<Handle>,
     /// Set while a twin opens: its files join this image-lock group.
     lock_group: Option<u64>,
+    /// Set while a node is reopened on a chosen reactor.
+    home_override: Option<Handle>,
     /// Where drivers send events.
     events: Option<EventSink>,
 }
@@ -405,6 +423,7 @@ impl Graph {
             main: reactors[0].clone(),
             reactors,
             lock_group: None,
+            home_override: None,
             events: None,
         };
         crate::drivers::register_builtin(&mut g);
@@ -434,6 +453,43 @@ impl Graph {
 
     pub fn reactors(&self) -> &[Handle] {
         &self.reactors
+    }
+
+    /// Nodes whose state lives on each reactor, by reactor index.
+    pub fn homed_nodes(&self) -> Vec<Vec<Arc<Node>>> {
+        let mut per = vec![Vec::new(); self.reactors.len()];
+        for n in self.nodes.values() {
+            if let Some(i) = n.home().and_then(|h| self.reactors.iter().position(|r| r.id() == h.id())) {
+                per[i].push(Arc::clone(n));
+            }
+        }
+        per
+    }
+
+    /// The reactor a new node graph goes to: the one with the fewest nodes
+    /// homed on it; among those, one clearly less busy than the others
+    /// (by measured busy time), else the first.
+    pub fn place(&self) -> Handle {
+        let counts: Vec<usize> = self.homed_nodes().iter().map(Vec::len).collect();
+        let least = counts.iter().copied().min().unwrap_or(0);
+        let busy = |h: &Handle| {
+            let s = h.stats();
+            s.busy_ns as f64 / (s.busy_ns + s.idle_ns).max(1) as f64
+        };
+        let candidates: Vec<&Handle> =
+            self.reactors.iter().zip(&counts).filter(|&(_, &c)| c == least).map(|(h, _)| h).collect();
+        let first = candidates[0];
+        let idlest = candidates.iter().copied().min_by(|a, b| busy(a).total_cmp(&busy(b))).unwrap_or(first);
+        if busy(first) - busy(idlest) > PLACE_BUSY_MARGIN { idlest.clone() } else { first.clone() }
+    }
+
+    /// Opens `options` as a new node whose state lives on `home` (an
+    /// explicit placement: an iothread named by the user).
+    pub fn add_on(&mut self, home: &Handle, options: Value) -> Result<Arc<Node>, BdevError> {
+        self.home_override = Some(home.clone());
+        let res = self.add(options);
+        self.home_override = None;
+        res
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Node>, BdevError> {
@@ -711,7 +767,9 @@ impl Graph {
         let id = node.id;
         let name = node.name.clone();
         let closing = Arc::clone(node);
-        let result = self.main.run(move || async move {
+        // On the node's home: a driver's state lives there.
+        let home = node.home().unwrap_or_else(|| self.main.clone());
+        let result = home.run(move || async move {
             let ch = closing.channel()?;
             if !closing.read_only() {
                 ch.flush().await.map_err(|source| BdevError::Io { what: "flush".into(), source })?;

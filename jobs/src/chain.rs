@@ -16,6 +16,12 @@ pub fn chain(node: &Arc<Node>) -> Vec<Arc<Node>> {
     out
 }
 
+/// Where a job on `node`'s chain runs: the node's home (its state lives
+/// there), else a reactor placement picks.
+pub fn home(graph: &Graph, node: &Node) -> reactor::Handle {
+    node.home().unwrap_or_else(|| graph.place())
+}
+
 /// The file name a layer is known by (QEMU's `filename`).
 pub fn filename(node: &Node) -> String {
     node.bdev().info().filename

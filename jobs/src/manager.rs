@@ -71,6 +71,9 @@ pub type RunFn = Box<dyn FnOnce(JobCtx) -> LocalBoxFuture<Result<(), String>> + 
 pub struct NewJob {
     pub id: String,
     pub kind: JobType,
+    /// The reactor the job's task runs on: the home of its nodes (None:
+    /// the manager's default, the main reactor).
+    pub home: Option<Handle>,
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
     pub speed: u64,
@@ -185,7 +188,7 @@ impl JobManager {
             running: true,
         });
         let (task_job, tx, run) = (job, self.done_tx.clone(), new.run);
-        self.home.send(move || {
+        new.home.as_ref().unwrap_or(&self.home).send(move || {
             reactor::spawn_local(async move {
                 let id = task_job.id.clone();
                 let ctx = JobCtx::new(task_job);

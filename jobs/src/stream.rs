@@ -90,6 +90,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, a: StreamArgs) -> Result<
     jobs.start(NewJob {
         id: a.job_id,
         kind: JobType::Stream,
+        home: Some(chain::home(graph, &top)),
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
         speed: a.speed,

@@ -147,6 +147,7 @@ impl Bench {
             .start(NewJob {
                 id: "j".into(),
                 kind: JobType::Mirror,
+                home: None,
                 auto_finalize: false,
                 auto_dismiss: false,
                 speed: 0,

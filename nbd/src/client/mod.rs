@@ -101,7 +101,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         }
     };
     let read_only = ctx.common().read_only || neg.read_only();
-    let home = ctx.main_reactor().clone();
+    let home = ctx.home();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let closed = Arc::new(AtomicBool::new(false));
     let (t, e, c, h) = (target.clone(), export.clone(), Arc::clone(&closed), home.clone());

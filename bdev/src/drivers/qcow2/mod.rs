@@ -13,8 +13,9 @@
 //!   rebuild.rs refcounts recomputed for images left dirty
 //! ```
 //!
-//! The image's state lives on its home reactor (the main reactor); other
-//! reactors forward their requests there. The backing chain opens by
+//! The image's state lives on its home reactor — that of its backing chain,
+//! or the least loaded one (`Graph::place`); other reactors forward their
+//! requests there. The backing chain opens by
 //! itself from the header's backing file name unless `backing` says
 //! otherwise.
 
@@ -232,7 +233,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     let format_specific = format_specific(&header);
     let size = header.size;
     let (f, b) = (Arc::clone(&file), backing.clone());
-    let home = ctx.main_reactor().clone();
+    let home = ctx.home();
     let fenced = Arc::new(AtomicBool::new(false));
     let alarm = Alarm { node_name: ctx.node_name().to_string(), events: ctx.events(), fenced: Arc::clone(&fenced) };
     // Only a plain file with O_DIRECT is grown ahead of the allocator: the
