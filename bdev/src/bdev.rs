@@ -72,6 +72,13 @@ pub trait Bdev: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Moves the driver's state to reactor `to` (see [`crate::Graph::move_to`],
+    /// which makes sure nobody has requests on the way). Drivers without
+    /// state of their own have nothing to move.
+    fn rehome(self: Arc<Self>, _to: &reactor::Handle) -> Result<(), BdevError> {
+        Ok(())
+    }
+
     /// The image-lock group of a file node, which a twin of the image
     /// joins (see [`crate::Graph::add_twin`]).
     fn lock_group(&self) -> Option<u64> {

@@ -483,6 +483,50 @@ impl Graph {
         if busy(first) - busy(idlest) > PLACE_BUSY_MARGIN { idlest.clone() } else { first.clone() }
     }
 
+    /// Moves `name` and the nodes below it to reactor `to` (QEMU's
+    /// `x-blockdev-set-iothread`): drivers with state of their own flush it
+    /// and load it again there, children first. Only a root whose subtree
+    /// nobody else uses can move: no export, job or other parent may have
+    /// requests on the way.
+    pub fn move_to(&mut self, name: &str, to: &Handle) -> Result<(), BdevError> {
+        let node = self.get(name)?;
+        if !node.parents().is_empty() {
+            return Err(BdevError::invalid(format!(
+                "Node '{name}' is a child of {}; move the node above it",
+                node.parents().join(", ")
+            )));
+        }
+        // The subtree, parents before children.
+        let mut set: Vec<Arc<Node>> = vec![Arc::clone(&node)];
+        let mut i = 0;
+        while i < set.len() {
+            for (_, c) in set[i].children() {
+                if !set.iter().any(|n| n.id == c.id) {
+                    set.push(c);
+                }
+            }
+            i += 1;
+        }
+        let links: Vec<String> = set
+            .iter()
+            .flat_map(|p| p.children().into_iter().map(move |(role, _)| format!("node '{}' ({role} child)", p.name)))
+            .collect();
+        for n in &set {
+            if let Some(h) = n.holders().into_iter().find(|h| !links.contains(h)) {
+                return Err(BdevError::InUse { name: n.name.clone(), holders: h });
+            }
+        }
+        for n in set.iter().rev() {
+            Arc::clone(&n.bdev).rehome(to)?;
+            let id = n.id;
+            for r in &self.reactors {
+                // Channels made for the old home go; new ones find the new one.
+                let _ = r.call(move || drop_cached_channel(id)).wait();
+            }
+        }
+        Ok(())
+    }
+
     /// Opens `options` as a new node whose state lives on `home` (an
     /// explicit placement: an iothread named by the user).
     pub fn add_on(&mut self, home: &Handle, options: Value) -> Result<Arc<Node>, BdevError> {

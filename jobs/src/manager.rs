@@ -92,6 +92,8 @@ struct Entry {
     claims: Vec<Claim>,
     /// The task has not reported back yet.
     running: bool,
+    /// The reactor its task runs on.
+    home: Handle,
 }
 
 /// The jobs of the daemon.
@@ -180,15 +182,17 @@ impl JobManager {
             job.transition(&mut st, JobStatus::Running);
             st.busy = true;
         }
+        let home = new.home.unwrap_or_else(|| self.home.clone());
         self.entries.push(Entry {
             job: Arc::clone(&job),
             hooks: new.hooks,
             nodes: new.nodes,
             claims: new.claims,
             running: true,
+            home: home.clone(),
         });
         let (task_job, tx, run) = (job, self.done_tx.clone(), new.run);
-        new.home.as_ref().unwrap_or(&self.home).send(move || {
+        home.send(move || {
             reactor::spawn_local(async move {
                 let id = task_job.id.clone();
                 let ctx = JobCtx::new(task_job);
@@ -413,6 +417,11 @@ impl JobManager {
             drop(st);
             self.entries.remove(i);
         }
+    }
+
+    /// Each job's id and the reactor its task runs on.
+    pub fn homes(&self) -> Vec<(String, Handle)> {
+        self.entries.iter().map(|e| (e.job.id.clone(), e.home.clone())).collect()
     }
 
     /// `query-jobs`.

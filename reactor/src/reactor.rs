@@ -126,6 +126,8 @@ static NEXT_REACTOR_ID: AtomicUsize = AtomicUsize::new(0);
 pub(crate) struct Shared {
     pub(crate) id: usize,
     core: Option<usize>,
+    /// The reactor thread's id (the kernel's, as `query-iothreads` shows it).
+    thread_id: i32,
     inbox: ArrayQueue<Msg>,
     sleeping: AtomicBool,
     eventfd: SharedFd,
@@ -207,6 +209,11 @@ impl Handle {
     /// The core the reactor is pinned to, if any.
     pub fn core(&self) -> Option<usize> {
         self.shared.core
+    }
+
+    /// The kernel's id of the reactor's thread.
+    pub fn thread_id(&self) -> i32 {
+        self.shared.thread_id
     }
 
     /// True when called on this reactor's own thread (while it is current).
@@ -322,6 +329,7 @@ impl Reactor {
         let shared = Arc::new(Shared {
             id: NEXT_REACTOR_ID.fetch_add(1, Ordering::Relaxed),
             core,
+            thread_id: nix::unistd::gettid().as_raw(),
             inbox: ArrayQueue::new(INBOX_CAPACITY),
             sleeping: AtomicBool::new(false),
             eventfd: Arc::new(efd),

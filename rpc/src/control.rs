@@ -66,6 +66,11 @@ pub struct Control {
     pub export_records: BTreeMap<String, ExportRecord>,
     /// Block jobs.
     pub jobs: JobManager,
+    /// Objects (`object-add`).
+    pub objects: crate::objects::Objects,
+    /// Nodes placed by `x-blockdev-set-iothread`: the iothread (None: the
+    /// main reactor), replayed by `save_config`.
+    pub placements: BTreeMap<String, Option<String>>,
     shutdown: Option<ShutdownReason>,
 }
 
@@ -88,6 +93,8 @@ impl Control {
             exports: Arc::new(Exports::new()),
             export_records: BTreeMap::new(),
             jobs,
+            objects: Default::default(),
+            placements: BTreeMap::new(),
             shutdown: None,
         }
     }
@@ -113,7 +120,15 @@ impl Control {
     /// The commands that rebuild the current state: nodes, then the NBD
     /// server and its exports.
     pub fn save_config(&self) -> Vec<Value> {
-        let mut cfg = self.graph.save_config();
+        let mut cfg = self.objects.save_config();
+        cfg.extend(self.graph.save_config());
+        for (node, iothread) in &self.placements {
+            if self.graph.get(node).is_ok() {
+                cfg.push(
+                    json!({"method": "x-blockdev-set-iothread", "params": {"node-name": node, "iothread": iothread}}),
+                );
+            }
+        }
         if let Some((_, start)) = &self.nbd {
             cfg.push(json!({"method": "nbd-server-start", "params": start}));
             for r in self.export_records.values() {

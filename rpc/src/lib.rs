@@ -19,6 +19,7 @@
 //! - [`registry`]: the command table and parameter decoding.
 //! - [`control`]: the control thread and the state commands act on.
 //! - [`methods`]: the commands.
+//! - [`objects`]: user-created objects (`object-add`: iothreads).
 //! - [`client`]: the blocking client behind `spindle rpc`.
 
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod event;
 pub mod framing;
 pub mod jsonrpc;
 pub mod methods;
+pub mod objects;
 pub mod qmp;
 pub mod registry;
 pub mod server;

@@ -174,6 +174,17 @@ impl Bdev for NbdBdev {
         Ok(Rc::new(ForwardChannel::new(self.home.clone(), Arc::new(resolve))))
     }
 
+    fn home(&self) -> Option<Handle> {
+        Some(self.home.clone())
+    }
+
+    fn rehome(self: Arc<Self>, to: &Handle) -> Result<(), BdevError> {
+        if to.id() == self.home.id() {
+            return Ok(());
+        }
+        Err(BdevError::Unsupported("an nbd node cannot move to another reactor; add it there instead".into()))
+    }
+
     fn info(&self) -> BdevInfo {
         let uri = match &self.target {
             Target::Tcp { host, port } => format!("nbd://{host}:{port}/{}", self.export),

@@ -69,11 +69,14 @@ pub struct Export {
     pub description: Option<String>,
     pub backend: Arc<Backend>,
     pub writable: bool,
+    /// Where connections are served when the exported node has no home of
+    /// its own (the export's `iothread`); None: where they were accepted.
+    pub reactor: Option<Handle>,
 }
 
 impl Export {
     pub fn new(id: String, name: String, description: Option<String>, backend: Arc<Backend>, writable: bool) -> Export {
-        Export { id, name, description, backend, writable }
+        Export { id, name, description, backend, writable, reactor: None }
     }
 }
 
@@ -324,8 +327,9 @@ async fn serve_connection(fd: SharedFd, guard: ConnGuard) {
     tracing::debug!(conn = guard.id, export = %session.export.name, "NBD client connected");
     // Requests are served where the exported node lives: a format driver's
     // state is on its home reactor, and serving elsewhere would send every
-    // request there and back.
-    if let Some(home) = session.export.backend.root().home()
+    // request there and back. A node without a home is served where the
+    // export was placed, else where the connection was accepted.
+    if let Some(home) = session.export.backend.root().home().or_else(|| session.export.reactor.clone())
         && !home.is_current()
     {
         let parts = sock.into_parts();

@@ -27,6 +27,7 @@ struct DelParams {
 pub(super) fn blockdev_del(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let p: DelParams = decode(params)?;
     ctl.graph.remove(&p.node_name).map_err(bdev_error)?;
+    ctl.placements.remove(&p.node_name);
     Ok(json!({}))
 }
 

@@ -80,22 +80,38 @@ pub(super) fn save_config(ctl: &mut Control, params: Option<Value>) -> Result<Va
     Ok(json!({}))
 }
 
-/// `framework_get_reactors`: per-reactor counters (SPDK's name).
+/// `framework_get_reactors`: per reactor (SPDK's name), its counters, the
+/// fraction of its time it was busy, and what lives there: nodes with
+/// state of their own, jobs, iothreads naming it.
 pub(super) fn framework_get_reactors(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let _: NoParams = decode(params)?;
+    let homed = ctl.graph.homed_nodes();
+    let jobs = ctl.jobs.homes();
+    let iothreads: Vec<(String, usize)> = ctl
+        .objects
+        .iter()
+        .into_iter()
+        .filter_map(|(id, _)| ctl.objects.iothread(id).map(|r| (id.to_string(), r)))
+        .collect();
     let reactors: Vec<Value> = ctl
         .reactors
         .iter()
-        .map(|h| {
+        .enumerate()
+        .map(|(i, h)| {
             let s = h.stats();
+            let busy = s.busy_ns as f64 / (s.busy_ns + s.idle_ns).max(1) as f64;
             json!({
                 "id": h.id(),
                 "lcore": h.core(),
                 "ticks": s.ticks,
                 "busy_ns": s.busy_ns,
                 "idle_ns": s.idle_ns,
+                "busy_fraction": (busy * 1000.0).round() / 1000.0,
                 "sleeps": s.sleeps,
                 "msgs": s.msgs,
+                "nodes": homed[i].iter().map(|n| n.name()).collect::<Vec<_>>(),
+                "jobs": jobs.iter().filter(|(_, jh)| jh.id() == h.id()).map(|(id, _)| id).collect::<Vec<_>>(),
+                "iothreads": iothreads.iter().filter(|(_, r)| *r == i).map(|(id, _)| id).collect::<Vec<_>>(),
             })
         })
         .collect();

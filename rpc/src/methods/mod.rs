@@ -6,6 +6,7 @@ mod daemon;
 mod debug_io;
 mod jobs;
 pub(crate) mod nbd;
+pub(crate) mod objects;
 mod perf;
 pub mod qemu_io;
 
@@ -27,6 +28,15 @@ pub fn registry() -> Registry<Control> {
     r.add("save_config", "The commands that rebuild the current state", daemon::save_config);
     r.add("framework_get_reactors", "Per-reactor counters", daemon::framework_get_reactors);
     r.add("x-debug-io", "Run a qemu-io command on a node", debug_io::x_debug_io);
+    r.add("object-add", "Create an object (iothread)", objects::object_add);
+    r.add("object-del", "Delete an object nobody uses", objects::object_del);
+    r.add("query-objects", "List objects: id and qom-type", objects::query_objects);
+    r.add("query-iothreads", "List iothreads and the reactor threads they name", objects::query_iothreads);
+    r.add(
+        "x-blockdev-set-iothread",
+        "Move a node and those below it to an iothread's reactor",
+        objects::x_blockdev_set_iothread,
+    );
     r.add("x-blkdebug-set-rules", "Replace a blkdebug node's error-injection rules", blkdebug::x_blkdebug_set_rules);
     r.add("nbd-server-start", "Start the NBD server on a TCP or Unix address", nbd::nbd_server_start);
     r.add("nbd-server-stop", "Stop the NBD server and remove its exports", nbd::nbd_server_stop);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bdev::{Access, Backend};
 use nbd::server::{CONNECTIONS_MAX_DEFAULT, Export, ListenAddr, NbdServer};
+use reactor::Handle;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -147,24 +148,43 @@ pub(super) fn block_export_add(ctl: &mut Control, params: Option<Value>) -> Resu
     if p.allocation_depth == Some(true) {
         return Err(RpcError::invalid_params("the qemu:allocation-depth context is not supported"));
     }
-    let _ = (p.writethrough, p.fixed_iothread, p.iothread);
+    let _ = p.writethrough;
     let name = p.name.unwrap_or_else(|| p.node_name.clone());
-    add_export(ctl, p.id, name, p.node_name, p.description, p.writable.unwrap_or(false), original)
+    check_export(ctl, &p.id, &name)?;
+    ctl.graph.get(&p.node_name).map_err(bdev_error)?;
+    let reactor = match &p.iothread {
+        Some(t) => Some(place_export(ctl, &p.node_name, t, p.fixed_iothread.unwrap_or(false))?),
+        None => None,
+    };
+    let writable = p.writable.unwrap_or(false);
+    add_export(ctl, p.id, name, p.node_name, p.description, writable, reactor, original)
 }
 
-fn add_export(
-    ctl: &mut Control,
-    id: String,
-    name: String,
-    node_name: String,
-    description: Option<String>,
-    writable: bool,
-    original: Value,
-) -> Result<Value, RpcError> {
+/// An export's `iothread`: the node moves there (QEMU moves the node to
+/// the iothread's context); a node that cannot move is an error with
+/// `fixed-iothread`, else it stays where it is. Returns the reactor.
+fn place_export(ctl: &mut Control, node_name: &str, iothread: &str, fixed: bool) -> Result<Handle, RpcError> {
+    let idx =
+        ctl.objects.iothread(iothread).ok_or_else(|| RpcError::failed(format!("iothread \"{iothread}\" not found")))?;
+    let to = ctl.reactors[idx].clone();
+    let node = ctl.graph.get(node_name).map_err(bdev_error)?;
+    if node.home().is_some_and(|h| h.id() != to.id()) {
+        match ctl.graph.move_to(node_name, &to) {
+            Ok(()) => {}
+            Err(e) if fixed => return Err(bdev_error(e)),
+            Err(e) => tracing::warn!(node = node_name, error = %e, "the export's node stays on its reactor"),
+        }
+    }
+    Ok(to)
+}
+
+/// What an export needs before anything changes: a running server, a new
+/// id, a name that fits and is free.
+fn check_export(ctl: &Control, id: &str, name: &str) -> Result<(), RpcError> {
     if ctl.nbd.is_none() {
         return Err(RpcError::failed("NBD server not running"));
     }
-    if ctl.export_records.contains_key(&id) {
+    if ctl.export_records.contains_key(id) {
         return Err(RpcError::exists(format!("Block export id '{id}' is already in use")));
     }
     if name.len() > EXPORT_NAME_BYTES_MAX {
@@ -173,10 +193,27 @@ fn add_export(
     if ctl.export_records.values().any(|r| r.name == name) {
         return Err(RpcError::exists(format!("NBD server already has export named '{name}'")));
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_export(
+    ctl: &mut Control,
+    id: String,
+    name: String,
+    node_name: String,
+    description: Option<String>,
+    writable: bool,
+    reactor: Option<Handle>,
+    original: Value,
+) -> Result<Value, RpcError> {
+    check_export(ctl, &id, &name)?;
     let node = ctl.graph.get(&node_name).map_err(bdev_error)?;
     let access = if writable { Access::Write } else { Access::Read };
     let backend = Backend::new(&node, format!("export '{id}'"), access).map_err(bdev_error)?;
-    let export = Arc::new(Export::new(id.clone(), name.clone(), description, Arc::clone(&backend), writable));
+    let mut export = Export::new(id.clone(), name.clone(), description, Arc::clone(&backend), writable);
+    export.reactor = reactor;
+    let export = Arc::new(export);
     ctl.exports.insert(export);
     ctl.export_records.insert(id, ExportRecord { name, backend, config: original });
     Ok(json!({}))
@@ -257,7 +294,7 @@ pub(super) fn nbd_server_add(ctl: &mut Control, params: Option<Value>) -> Result
     }
     let name = p.name.unwrap_or_else(|| p.device.clone());
     let config = json!({"type": "nbd", "id": name, "node-name": p.device, "name": name, "writable": p.writable.unwrap_or(false)});
-    add_export(ctl, name.clone(), name, p.device, p.description, p.writable.unwrap_or(false), config)
+    add_export(ctl, name.clone(), name, p.device, p.description, p.writable.unwrap_or(false), None, config)
 }
 
 pub(super) fn nbd_server_remove(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {

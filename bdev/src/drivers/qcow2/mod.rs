@@ -88,7 +88,10 @@ fn file_channel(node: &Node) -> Result<BlockChannel, BdevError> {
 
 pub struct Qcow2Bdev {
     id: u64,
-    home: Handle,
+    /// Where the state lives; changes when the node moves (`rehome`).
+    home: std::sync::Mutex<Handle>,
+    /// How the state was opened, to open it again elsewhere.
+    opened: Opened,
     size: u64,
     block_size: u32,
     read_only: bool,
@@ -241,13 +244,15 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
     // buffered ones (tmpfs, cache.direct=off) cost nothing extra there, and
     // preallocating would only zero memory that the data overwrites.
     let grow = file.driver() == "file" && file.bdev().info().direct;
-    let settings = Settings { read_only, caches, grow, overlap_check, alarm };
+    let opened = Opened { read_only, caches, grow, overlap_check, alarm };
+    let settings = opened.settings();
     home.run(move || async move { init_state(id, &f, b.as_deref(), file_size, header, settings).await })
         .wait()
         .map_err(|_| BdevError::ReactorGone)??;
     Ok(Arc::new(Qcow2Bdev {
         id,
-        home,
+        home: std::sync::Mutex::new(home),
+        opened,
         size,
         block_size: file.bdev().block_size(),
         read_only,
@@ -256,6 +261,29 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         format_specific,
         fenced,
     }))
+}
+
+/// The settings of an open image, kept to open its state again.
+#[derive(Clone)]
+struct Opened {
+    read_only: bool,
+    caches: CacheSizes,
+    grow: bool,
+    overlap_check: u16,
+    alarm: Alarm,
+}
+
+impl Opened {
+    fn settings(&self) -> Settings {
+        let o = self.clone();
+        Settings {
+            read_only: o.read_only,
+            caches: o.caches,
+            grow: o.grow,
+            overlap_check: o.overlap_check,
+            alarm: o.alarm,
+        }
+    }
 }
 
 async fn read_header(file: &Node, file_size: u64) -> Result<Header, BdevError> {
@@ -343,6 +371,22 @@ impl Qcow2Bdev {
     pub fn backing(&self) -> Option<Arc<Node>> {
         self.backing.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    fn current_home(&self) -> Handle {
+        self.home.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Opens the state on `home` from what is on disk (`file_end`: how far
+    /// the image file reaches).
+    fn load_on(&self, home: &Handle, file_end: u64) -> Result<(), BdevError> {
+        let (id, file, backing, settings) = (self.id, Arc::clone(&self.file), self.backing(), self.opened.settings());
+        home.run(move || async move {
+            let header = read_header(&file, file_end).await?;
+            init_state(id, &file, backing.as_deref(), file_end, header, settings).await
+        })
+        .wait()
+        .map_err(|_| BdevError::ReactorGone)?
+    }
 }
 
 impl Bdev for Qcow2Bdev {
@@ -364,7 +408,8 @@ impl Bdev for Qcow2Bdev {
 
     fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
         let id = self.id;
-        if self.home.is_current() {
+        let home = self.current_home();
+        if home.is_current() {
             let state = image(id).ok_or(BdevError::ReactorGone)?;
             return Ok(Rc::new(Qcow2Channel { state }));
         }
@@ -372,7 +417,7 @@ impl Bdev for Qcow2Bdev {
             let state = image(id).ok_or(BdevError::ReactorGone)?;
             Ok(Rc::new(Qcow2Channel { state }))
         });
-        Ok(Rc::new(ForwardChannel::new(self.home.clone(), resolve)))
+        Ok(Rc::new(ForwardChannel::new(home, resolve)))
     }
 
     fn info(&self) -> BdevInfo {
@@ -385,7 +430,38 @@ impl Bdev for Qcow2Bdev {
     }
 
     fn home(&self) -> Option<Handle> {
-        Some(self.home.clone())
+        Some(self.current_home())
+    }
+
+    fn rehome(self: Arc<Self>, to: &Handle) -> Result<(), BdevError> {
+        let old = self.current_home();
+        if old.id() == to.id() {
+            return Ok(());
+        }
+        let id = self.id;
+        // Everything cached goes to disk; the state leaves the old home.
+        let file_end = old
+            .run(move || async move {
+                let state = image(id).ok_or(BdevError::ReactorGone)?;
+                if !state.read_only() && !state.fenced() {
+                    state.flush().await.map_err(|source| BdevError::Io { what: "flush".into(), source })?;
+                }
+                IMAGES.with(|m| m.borrow_mut().remove(&id));
+                Ok::<u64, BdevError>(state.file_end())
+            })
+            .wait()
+            .map_err(|_| BdevError::ReactorGone)??;
+        match self.load_on(to, file_end) {
+            Ok(()) => {
+                *self.home.lock().unwrap_or_else(|e| e.into_inner()) = to.clone();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "opening a qcow2 image on its new home failed; it stays where it was");
+                self.load_on(&old, file_end)?;
+                Err(e)
+            }
+        }
     }
 
     fn change_backing(
@@ -403,7 +479,7 @@ impl Bdev for Qcow2Bdev {
         let id = self.id;
         let new = backing.cloned();
         let (name, format) = (name.map(str::to_string), format.map(str::to_string));
-        self.home
+        self.current_home()
             .run(move || async move {
                 let state = image(id).ok_or(BdevError::ReactorGone)?;
                 let backing = match &new {
