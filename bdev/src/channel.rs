@@ -9,11 +9,12 @@
 //! Channels are cached per reactor and node id: the first use of a node on a
 //! reactor creates its channel there.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use reactor::IoBuf;
@@ -21,6 +22,7 @@ use slab::Slab;
 
 use crate::align;
 use crate::bdev::Channel;
+use crate::bitmap::{Bitmap, BitmapSet};
 use crate::error::IoError;
 use crate::io::{BlockStatus, Done, Io, IoDone, IoFlags, IoKind};
 use crate::options::{DetectZeroes, DiscardMode};
@@ -43,12 +45,28 @@ pub struct ChannelPolicy {
 pub struct BlockChannel {
     inner: Rc<dyn Channel>,
     policy: ChannelPolicy,
+    /// The node's dirty bitmaps, marked as writes complete (None: a
+    /// driver's own channel on a child, whose metadata writes nobody tracks).
+    track: Option<Rc<Tracker>>,
 }
 
 impl BlockChannel {
     pub fn new(inner: Rc<dyn Channel>, policy: ChannelPolicy) -> BlockChannel {
         debug_assert!(policy.block_size.is_power_of_two());
-        BlockChannel { inner, policy }
+        BlockChannel { inner, policy, track: None }
+    }
+
+    /// This channel marks `bitmaps` with every write, write-zeroes and
+    /// discard that completes through it.
+    pub fn tracking(mut self, bitmaps: Arc<BitmapSet>) -> BlockChannel {
+        self.track = Some(Rc::new_cyclic(|me| Tracker {
+            set: bitmaps,
+            seen: Cell::new(u64::MAX),
+            recording: RefCell::new(Vec::new()),
+            pending: RefCell::new(Slab::new()),
+            me: me.clone(),
+        }));
+        self
     }
 
     pub fn size(&self) -> u64 {
@@ -119,6 +137,10 @@ impl BlockChannel {
             }
             _ => {}
         }
+        let done = match &self.track {
+            Some(t) if io.kind.is_write() && t.active() => t.wrap(done, io.offset, io.len),
+            _ => done,
+        };
         if io.kind == IoKind::Flush || self.aligned(&io) {
             self.inner.submit(io, done);
         } else {
@@ -178,6 +200,47 @@ impl BlockChannel {
         let len = len.min(self.policy.size - offset);
         let st = self.inner.block_status(offset, len).await?;
         Ok(BlockStatus { len: st.len.clamp(1, len), ..st })
+    }
+}
+
+/// Marks a node's recording bitmaps as writes complete, on whichever
+/// reactor serves them: a failed write counts too (it may have changed
+/// part of the range), as in QEMU.
+struct Tracker {
+    set: Arc<BitmapSet>,
+    /// The set's generation `recording` was taken at.
+    seen: Cell<u64>,
+    recording: RefCell<Vec<Arc<Bitmap>>>,
+    /// Writes in flight: their completion and range.
+    pending: RefCell<Slab<(Done, u64, u64)>>,
+    me: Weak<Tracker>,
+}
+
+impl Tracker {
+    /// True when some bitmap records (one atomic load when nothing changed).
+    fn active(&self) -> bool {
+        let g = self.set.generation();
+        if g != self.seen.get() {
+            *self.recording.borrow_mut() = self.set.recording();
+            self.seen.set(g);
+        }
+        !self.recording.borrow().is_empty()
+    }
+
+    fn wrap(&self, done: Done, offset: u64, len: u64) -> Done {
+        let key = self.pending.borrow_mut().insert((done, offset, len));
+        Done::new(self.me.upgrade().expect("tracker alive while its channel submits"), key as u64)
+    }
+}
+
+impl IoDone for Tracker {
+    fn io_done(&self, tag: u64, io: Io, res: Result<(), IoError>) {
+        let (done, offset, len) = self.pending.borrow_mut().remove(tag as usize);
+        self.active();
+        for b in self.recording.borrow().iter() {
+            b.bits().set_range(offset, len);
+        }
+        done.complete(io, res);
     }
 }
 

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::backend::Backend;
 use crate::bdev::{Bdev, EventSink};
+use crate::bitmap::BitmapSet;
 use crate::channel::{BlockChannel, ChannelPolicy, cached_channel, drop_cached_channel};
 use crate::error::BdevError;
 use crate::lock::Perms;
@@ -121,6 +122,8 @@ pub struct Node {
     /// mirror's source): new users would be left behind on a node nobody
     /// else writes any more, so there are none until it is cleared.
     replaced_by: Mutex<Option<String>>,
+    /// Dirty bitmaps every write through the node's channels marks.
+    bitmaps: Arc<BitmapSet>,
 }
 
 impl std::fmt::Debug for Node {
@@ -193,8 +196,13 @@ impl Node {
     pub fn channel(&self) -> Result<BlockChannel, BdevError> {
         cached_channel(self.id, || {
             let inner = Arc::clone(&self.bdev).create_channel()?;
-            Ok(BlockChannel::new(inner, self.policy()))
+            Ok(BlockChannel::new(inner, self.policy()).tracking(Arc::clone(&self.bitmaps)))
         })
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &Arc<BitmapSet> {
+        &self.bitmaps
     }
 
     /// Puts the node in use for `holder` (a person-readable name such as
@@ -310,6 +318,10 @@ impl Node {
             "cache": { "writeback": true, "direct": info.direct, "no-flush": info.no_flush },
             "image": image,
         });
+        let bitmaps = self.bitmaps.named();
+        if !bitmaps.is_empty() {
+            v["dirty-bitmaps"] = Value::Array(bitmaps.iter().map(|b| b.describe()).collect());
+        }
         let children = self.children();
         if !children.is_empty() {
             v["children"] =
@@ -646,6 +658,7 @@ impl Graph {
             next_claim: AtomicU64::new(1),
             users: Mutex::new(Vec::new()),
             replaced_by: Mutex::new(None),
+            bitmaps: Arc::default(),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);
@@ -688,6 +701,7 @@ impl Graph {
             next_claim: AtomicU64::new(1),
             users: Mutex::new(Vec::new()),
             replaced_by: Mutex::new(None),
+            bitmaps: Arc::default(),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);

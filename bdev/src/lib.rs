@@ -20,6 +20,7 @@
 //!   ([`Channel`], data plane).
 //! - [`channel`]: the common front door and the `async` helpers.
 //! - [`graph`]: named nodes, children, claims; `blockdev-add`/`-del`.
+//! - [`bitmap`]: dirty bitmaps, owned by nodes, marked by every write.
 //! - [`lock`]: permissions of claims, QEMU-compatible image locks, and the
 //!   registry of open files that keeps files in use from being recreated.
 //! - [`backend`]: users' handles on a replaceable root.
@@ -36,6 +37,7 @@
 mod align;
 pub mod backend;
 pub mod bdev;
+pub mod bitmap;
 pub mod channel;
 pub mod drivers;
 pub mod error;
@@ -47,6 +49,7 @@ pub mod options;
 
 pub use backend::{Backend, BackendChannel, DRAIN_WAIT_MAX, DrainTimeout};
 pub use bdev::{Bdev, BdevInfo, Channel, EventSink, LocalBoxFuture};
+pub use bitmap::{Bitmap, BitmapSet, DirtyBits};
 pub use channel::{BlockChannel, ChannelPolicy, IO_BYTES_MAX, IoFuture};
 pub use error::{BdevError, IoError};
 pub use graph::{Access, Child, Claim, Graph, Node, OpenCtx, OpenFn};

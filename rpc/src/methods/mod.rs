@@ -1,5 +1,6 @@
 //! Command implementations, registered in one table.
 
+mod bitmaps;
 mod blkdebug;
 mod block;
 mod daemon;
@@ -28,6 +29,17 @@ pub fn registry() -> Registry<Control> {
     r.add("save_config", "The commands that rebuild the current state", daemon::save_config);
     r.add("framework_get_reactors", "Per-reactor counters", daemon::framework_get_reactors);
     r.add("x-debug-io", "Run a qemu-io command on a node", debug_io::x_debug_io);
+    r.add("block-dirty-bitmap-add", "Add a dirty bitmap to a node", bitmaps::block_dirty_bitmap_add);
+    r.add("block-dirty-bitmap-remove", "Remove a dirty bitmap", bitmaps::block_dirty_bitmap_remove);
+    r.add("block-dirty-bitmap-clear", "Clear every bit of a dirty bitmap", bitmaps::block_dirty_bitmap_clear);
+    r.add("block-dirty-bitmap-enable", "Let a dirty bitmap record writes", bitmaps::block_dirty_bitmap_enable);
+    r.add("block-dirty-bitmap-disable", "Stop a dirty bitmap recording writes", bitmaps::block_dirty_bitmap_disable);
+    r.add("block-dirty-bitmap-merge", "Merge dirty bitmaps into another", bitmaps::block_dirty_bitmap_merge);
+    r.add(
+        "x-debug-block-dirty-bitmap-sha256",
+        "SHA-256 of a dirty bitmap, laid out as QEMU lays it out",
+        bitmaps::x_debug_block_dirty_bitmap_sha256,
+    );
     r.add("object-add", "Create an object (iothread)", objects::object_add);
     r.add("object-del", "Delete an object nobody uses", objects::object_del);
     r.add("query-objects", "List objects: id and qom-type", objects::query_objects);
