@@ -174,3 +174,31 @@ fn writes_on_every_reactor_mark_the_nodes_bitmaps() {
     let r = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "r").unwrap();
     assert_eq!(r["dirty-bitmaps"][0]["count"], 256 * 65536, "{r}");
 }
+
+#[test]
+fn a_bitmap_on_a_mirrors_source_sees_the_writes_that_pass_the_filter() {
+    let d = Daemon::start();
+    let src = d.path("src.qcow2");
+    let tgt = d.path("tgt.qcow2");
+    support::qcow2_image(&src, "64M", None);
+    support::qcow2_image(&tgt, "64M", None);
+    for (node, p) in [("src", &src), ("tgt", &tgt)] {
+        d.ok("blockdev-add", json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": p}}));
+    }
+    d.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "b0"}));
+    d.ok("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": d.path("nbd.sock")}}}));
+    d.ok("block-export-add", json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}));
+    // Slow enough to be running while the client writes.
+    d.ok("blockdev-mirror", json!({"job-id": "m", "device": "src", "target": "tgt", "sync": "full", "speed": 1}));
+    let uri = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 64k", "-c", "write -z 1M 128k"]).arg(&uri));
+    let nodes = d.ok("query-named-block-nodes", json!({}));
+    let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "src").unwrap();
+    assert_eq!(
+        n["dirty-bitmaps"],
+        json!([{"name": "b0", "recording": true, "persistent": false, "busy": false,
+        "granularity": 65536, "count": 196608}]),
+        "only the user's bitmap is listed, and it saw both writes"
+    );
+    d.ok("job-cancel", json!({"id": "m"}));
+}

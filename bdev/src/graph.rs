@@ -689,6 +689,9 @@ impl Graph {
         let mut opts = OptReader::new(json!({"driver": bdev.driver()}))?;
         let mut common = CommonOptions::read(&mut opts)?;
         common.node_name = name.clone();
+        // A filter passes requests on unchanged; the node below applies its
+        // own discard and detect-zeroes policies.
+        common.discard = crate::options::DiscardMode::Unmap;
         let node = Arc::new(Node {
             id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
             name: name.clone(),

@@ -24,6 +24,7 @@
 //! - [`lock`]: permissions of claims, QEMU-compatible image locks, and the
 //!   registry of open files that keeps files in use from being recreated.
 //! - [`backend`]: users' handles on a replaceable root.
+//! - [`locks`]: range locks jobs and filters share on one reactor.
 //! - [`options`]: QEMU-shaped option reading.
 //! - [`forward`]: channels that send requests to a driver's home reactor.
 //! - [`drivers`]: `file`, `malloc`, `null-co`, `raw`, `qcow2`, `blkdebug`,
@@ -45,6 +46,7 @@ pub mod forward;
 pub mod graph;
 pub mod io;
 pub mod lock;
+pub mod locks;
 pub mod options;
 
 pub use backend::{Backend, BackendChannel, DRAIN_WAIT_MAX, DrainTimeout};

@@ -9,8 +9,6 @@
 //!                (manager/tests.rs: every verb from every status)
 //!   copies.rs    the bounded copy machinery commit and stream share
 //!   ratelimit.rs the speed limit
-//!   dirty.rs     dirty bitmaps
-//!   locks.rs     range locks between copies and write-blocking writes
 //!   mirror.rs    mirror and active commit (filter, copy loop, pivot)
 //!   chain.rs     backing chains: layers by name, writable twins
 //!   commit.rs    commit (intermediate here, active on the mirror engine)
@@ -26,9 +24,7 @@
 pub mod chain;
 pub mod commit;
 pub mod copies;
-pub mod dirty;
 pub mod job;
-pub mod locks;
 pub mod manager;
 pub mod mirror;
 pub mod ratelimit;

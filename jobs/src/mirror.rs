@@ -9,7 +9,9 @@
 //!                              └──────────────────────────────▶ target  (job writes)
 //! ```
 //!
-//! The job keeps a dirty bitmap at `granularity`. Each iteration takes a run
+//! The job tracks writes with a dirty bitmap of the source node (anonymous,
+//! at `granularity`): every write that completes on the source marks it,
+//! whoever sent it and on whichever reactor. Each iteration takes a run
 //! of dirty chunks, clears their bits *before* reading (a write landing
 //! meanwhile marks them again), asks block-status, and copies data or
 //! writes zeroes — at most [`OPS_MAX`] operations and `buf-size` bytes in
@@ -28,17 +30,16 @@ use std::time::Duration;
 
 use bdev::forward::ForwardChannel;
 use bdev::{
-    Access, Backend, Bdev, BdevError, BdevInfo, BlockChannel, BlockStatus, Channel, Child, Claim, Done, Graph, Io,
-    IoDone, IoError, IoFlags, IoKind, LocalBoxFuture, Node, Perms,
+    Access, Backend, Bdev, BdevError, BdevInfo, Bitmap, BlockChannel, BlockStatus, Channel, Child, Claim, Done, Graph,
+    Io, IoDone, IoError, IoFlags, IoKind, LocalBoxFuture, Node, Perms,
 };
 use reactor::{Handle, IoBuf};
 use slab::Slab;
 
-use crate::dirty::DirtyBitmap;
 use crate::job::{ErrorAction, JobCtx, JobShared, OnError};
-use crate::locks::RangeLocks;
 use crate::manager::{JobError, JobHooks, NewJob};
 use crate::ratelimit::SLICE;
+use bdev::locks::{RangeGuard, RangeLocks};
 
 /// Copy operations in flight at most.
 pub const OPS_MAX: usize = 16;
@@ -137,7 +138,9 @@ struct MirrorShared {
     job: Arc<JobShared>,
     source: BlockChannel,
     target: BlockChannel,
-    bitmap: RefCell<DirtyBitmap>,
+    /// The job's own bitmap on the source node (marked by the node's
+    /// channels as writes complete).
+    bitmap: Arc<Bitmap>,
     /// Chunks being copied or written through (write-blocking).
     locks: Rc<RangeLocks>,
     copy_mode: Cell<CopyMode>,
@@ -169,18 +172,20 @@ impl MirrorShared {
     }
 
     fn mark_dirty(&self, offset: u64, len: u64) {
-        self.bitmap.borrow_mut().set_range(offset, len);
+        self.bitmap.bits().set_range(offset, len);
         self.wake_job();
     }
 
+    /// Requests go through the nodes' front doors, so the nodes' bitmaps
+    /// (this job's and anyone's) see every write.
     fn route(&self, io: Io, done: Done) {
         self.client_requests.set(self.client_requests.get() + 1);
         match self.phase.get() {
-            Phase::ToTarget => self.target.raw().submit(io, done),
-            Phase::ToSource => self.source.raw().submit(io, done),
+            Phase::ToTarget => self.target.submit(io, done),
+            Phase::ToSource => self.source.submit(io, done),
             Phase::Parked if io.kind.is_write() => self.parked.borrow_mut().push_back((io, done)),
-            Phase::Parked => self.source.raw().submit(io, done),
-            Phase::Active if !io.kind.is_write() => self.source.raw().submit(io, done),
+            Phase::Parked => self.source.submit(io, done),
+            Phase::Active if !io.kind.is_write() => self.source.submit(io, done),
             Phase::Active => self.client_write(io, done),
         }
     }
@@ -191,7 +196,7 @@ impl MirrorShared {
             CopyMode::Background => {
                 let key = self.pending.borrow_mut().insert((done, io.offset, io.len));
                 let me: Rc<dyn IoDone> = self.me.upgrade().expect("filter alive while submitting");
-                self.source.raw().submit(io, Done::new(me, key as u64));
+                self.source.submit(io, Done::new(me, key as u64));
             }
             CopyMode::WriteBlocking => {
                 let me = self.me.upgrade().expect("filter alive while submitting");
@@ -212,7 +217,7 @@ impl MirrorShared {
     /// A client write in write-blocking mode: to the source, then the
     /// same to the target, before the client hears back.
     async fn write_blocking(&self, io: Io) -> (Io, Result<(), IoError>) {
-        let g = self.bitmap.borrow().granularity();
+        let g = self.bitmap.bits().granularity();
         let (a, b) = (io.offset / g, io.end().div_ceil(g));
         let _lock = self.locks.lock(a, b).await;
         let copy = match io.kind {
@@ -241,10 +246,9 @@ impl MirrorShared {
                 // in part is copied whole later, so a target that filled
                 // the rest of a cluster on its own (no backing yet) gets
                 // the source's data there.
-                let mut bm = self.bitmap.borrow_mut();
+                let bm = self.bitmap.bits();
                 bm.set_range(offset, len);
                 bm.clear_covered(offset, len);
-                drop(bm);
                 self.wake_job();
             }
             Err(e) => {
@@ -278,10 +282,9 @@ impl MirrorShared {
 
 impl IoDone for MirrorShared {
     fn io_done(&self, tag: u64, io: Io, res: Result<(), IoError>) {
-        let (done, offset, len) = self.pending.borrow_mut().remove(tag as usize);
-        // Marked when the write is on the source, so a copy that read the
-        // old data is always redone.
-        self.mark_dirty(offset, len);
+        let (done, _offset, _len) = self.pending.borrow_mut().remove(tag as usize);
+        // The source's channel marked the range when the write reached the
+        // source, so a copy that read the old data is always redone.
         self.write_done();
         done.complete(io, res);
     }
@@ -441,40 +444,52 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
         cfg.speed,
         Arc::clone(jobs.events()),
     );
-    let (src, tgt, j) = (Arc::clone(source), Arc::clone(target), Arc::clone(&job));
+    // From now on every write that completes on the source marks it.
+    let bitmap = Arc::new(Bitmap::new(None, source.size(), granularity, true));
+    source.bitmaps().add(Arc::clone(&bitmap));
+    let (src, tgt, j, bm) = (Arc::clone(source), Arc::clone(target), Arc::clone(&job), Arc::clone(&bitmap));
     let (copy_mode, on_source_error, on_target_error, unmap) =
         (cfg.copy_mode, cfg.on_source_error, cfg.on_target_error, cfg.unmap);
-    home.run(move || async move {
-        let (source, target) = (src.channel()?, tgt.channel()?);
-        let shared = Rc::new_cyclic(|me| MirrorShared {
-            job: j,
-            source,
-            target,
-            bitmap: RefCell::new(DirtyBitmap::new(src.size(), granularity)),
-            locks: RangeLocks::new(),
-            copy_mode: Cell::new(copy_mode),
-            phase: Cell::new(Phase::Active),
-            parked: RefCell::new(VecDeque::new()),
-            writes: Cell::new(0),
-            ops: Cell::new(0),
-            op_bytes: Cell::new(0),
-            job_waiting: Cell::new(false),
-            client_requests: Cell::new(0),
-            failed: RefCell::new(None),
-            on_source_error,
-            on_target_error,
-            unmap,
-            pending: RefCell::new(Slab::new()),
-            me: me.clone(),
-        });
-        FILTERS.with(|m| m.borrow_mut().insert(id, shared));
-        Ok::<(), BdevError>(())
-    })
-    .wait()
-    .map_err(|_| JobError::Failed("the reactors stopped".into()))?
-    .map_err(bdev_err)?;
+    let setup = home
+        .run(move || async move {
+            let (source, target) = (src.channel()?, tgt.channel()?);
+            let shared = Rc::new_cyclic(|me| MirrorShared {
+                job: j,
+                source,
+                target,
+                bitmap: bm,
+                locks: RangeLocks::new(),
+                copy_mode: Cell::new(copy_mode),
+                phase: Cell::new(Phase::Active),
+                parked: RefCell::new(VecDeque::new()),
+                writes: Cell::new(0),
+                ops: Cell::new(0),
+                op_bytes: Cell::new(0),
+                job_waiting: Cell::new(false),
+                client_requests: Cell::new(0),
+                failed: RefCell::new(None),
+                on_source_error,
+                on_target_error,
+                unmap,
+                pending: RefCell::new(Slab::new()),
+                me: me.clone(),
+            });
+            FILTERS.with(|m| m.borrow_mut().insert(id, shared));
+            Ok::<(), BdevError>(())
+        })
+        .wait();
+    let setup = match setup {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(bdev_err(e)),
+        Err(_) => Err(JobError::Failed("the reactors stopped".into())),
+    };
+    if let Err(e) = setup {
+        source.bitmaps().remove(&bitmap);
+        return Err(e);
+    }
 
     let drop_filter_state = |home: &Handle| {
+        source.bitmaps().remove(&bitmap);
         let _ = home.call(move || drop(FILTERS.with(|m| m.borrow_mut().remove(&id)))).wait();
     };
     let child_access = if source.read_only() { Access::Read } else { Access::Write };
@@ -506,6 +521,7 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
     let hooks = MirrorHooks {
         id,
         home: home.clone(),
+        bitmap: Arc::clone(&bitmap),
         source: Arc::clone(source),
         target: Arc::clone(target),
         filter: Some(filter_node),
@@ -541,7 +557,10 @@ pub fn start(graph: &mut Graph, jobs: &mut crate::JobManager, cfg: MirrorConfig)
         },
     )
     // Checked above already; should it fail anyway, the source is free again.
-    .inspect_err(|_| source.set_replaced_by(None))
+    .inspect_err(|_| {
+        source.set_replaced_by(None);
+        source.bitmaps().remove(&bitmap);
+    })
 }
 
 /// Marks what the initial copy covers; returns the bytes marked. Ranges
@@ -566,7 +585,7 @@ async fn initial_dirty(shared: &MirrorShared, ctx: &JobCtx, sync: SyncMode) -> R
             SyncMode::None => false,
         };
         if mark {
-            shared.bitmap.borrow_mut().set_range(pos, len);
+            shared.bitmap.bits().set_range(pos, len);
         } else if sync == SyncMode::Full {
             zero_target_range(shared, pos, len).await?;
         }
@@ -596,7 +615,7 @@ async fn run(shared: Rc<MirrorShared>, ctx: JobCtx, sync: SyncMode, buf_size: u6
     if let Err(e) = initial_dirty(&shared, &ctx, sync).await {
         return Err(e.to_string());
     }
-    let g = shared.bitmap.borrow().granularity();
+    let g = shared.bitmap.bits().granularity();
     let max_op = (buf_size / OPS_MAX as u64).max(1 << 20).next_multiple_of(g);
     let mut cursor = 0u64;
     let mut ready = false;
@@ -622,7 +641,7 @@ async fn run(shared: Rc<MirrorShared>, ctx: JobCtx, sync: SyncMode, buf_size: u6
             wait_ops(&shared, &ctx).await;
             return failed.map_or(Ok(()), Err);
         }
-        let dirty = shared.bitmap.borrow().dirty_bytes();
+        let dirty = shared.bitmap.bits().dirty_bytes();
         let (cur, _) = ctx.progress();
         ctx.set_total(cur + dirty + shared.op_bytes.get());
         let ops = shared.ops.get();
@@ -669,7 +688,7 @@ async fn run(shared: Rc<MirrorShared>, ctx: JobCtx, sync: SyncMode, buf_size: u6
 
 /// The first dirty chunk at or after `cursor` that nobody is copying.
 fn next_chunk(shared: &MirrorShared, cursor: u64) -> Option<u64> {
-    let bm = shared.bitmap.borrow();
+    let bm = shared.bitmap.bits();
     let c = bm.next_dirty(cursor)?;
     if !shared.locks.overlaps(c, c + 1) {
         return Some(c);
@@ -715,7 +734,7 @@ async fn converge(shared: &Rc<MirrorShared>, ctx: &JobCtx) -> Result<bool, IoErr
     while shared.writes.get() > 0 {
         wait_change(shared, ctx, Duration::from_millis(10)).await;
     }
-    if shared.bitmap.borrow().count() == 0 && shared.ops.get() == 0 {
+    if shared.bitmap.bits().count() == 0 && shared.ops.get() == 0 {
         shared.target.flush().await?;
         return Ok(true);
     }
@@ -728,13 +747,13 @@ async fn converge(shared: &Rc<MirrorShared>, ctx: &JobCtx) -> Result<bool, IoErr
 /// cursor and the bytes it copies (zeroing is not charged to the speed limit).
 async fn iterate(shared: &Rc<MirrorShared>, ctx: &JobCtx, c: u64, max_op: u64, buf_size: u64) -> (u64, u64) {
     let mut copied = 0;
-    let g = shared.bitmap.borrow().granularity();
+    let g = shared.bitmap.bits().granularity();
     let size = shared.source.size();
     let room = buf_size.saturating_sub(shared.op_bytes.get()).max(g);
     let max_chunks = (room / g).max(1);
     let mut n = 0;
     {
-        let bm = shared.bitmap.borrow();
+        let bm = shared.bitmap.bits();
         while n < max_chunks && c + n < bm.chunks() && bm.get(c + n) && !shared.locks.overlaps(c + n, c + n + 1) {
             n += 1;
         }
@@ -742,7 +761,7 @@ async fn iterate(shared: &Rc<MirrorShared>, ctx: &JobCtx, c: u64, max_op: u64, b
     let start = c * g;
     let end = ((c + n) * g).min(size);
     // Cleared before reading: a write landing from now on marks them again.
-    shared.bitmap.borrow_mut().clear_chunks(c, c + n);
+    shared.bitmap.bits().clear_chunks(c, c + n);
     let guard = Rc::new(shared.locks.insert(c, c + n));
     let mut pos = start;
     while pos < end {
@@ -777,14 +796,7 @@ enum Op {
     Zero,
 }
 
-fn spawn_op(
-    shared: &Rc<MirrorShared>,
-    ctx: &JobCtx,
-    op: Op,
-    offset: u64,
-    len: u64,
-    guard: Rc<crate::locks::RangeGuard>,
-) {
+fn spawn_op(shared: &Rc<MirrorShared>, ctx: &JobCtx, op: Op, offset: u64, len: u64, guard: Rc<RangeGuard>) {
     shared.ops.set(shared.ops.get() + 1);
     shared.op_bytes.set(shared.op_bytes.get() + len);
     let (shared, ctx) = (Rc::clone(shared), ctx.clone());
@@ -817,6 +829,8 @@ fn spawn_op(
 struct MirrorHooks {
     id: u64,
     home: Handle,
+    /// The job's bitmap on the source, removed when the job ends.
+    bitmap: Arc<Bitmap>,
     source: Arc<Node>,
     target: Arc<Node>,
     filter: Option<Arc<Node>>,
@@ -904,6 +918,7 @@ impl JobHooks for MirrorHooks {
 
     fn clean(&mut self, graph: &mut Graph, _job: &JobShared) {
         self.source.set_replaced_by(None);
+        self.source.bitmaps().remove(&self.bitmap);
         self.target_claim = None;
         if let Some(f) = self.filter.take() {
             let name = f.name().to_string();

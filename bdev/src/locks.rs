@@ -1,6 +1,8 @@
-//! Range locks between a mirror's copy operations and write-blocking
-//! client writes, in chunks of the dirty bitmap. One reactor; a waiter
-//! re-checks whenever any lock is released.
+//! Range locks on one reactor: a job's copy operations and the writes a
+//! filter passes through (a mirror's write-blocking writes, a backup's
+//! copy-before-write) keep out of each other's ranges, in whatever units
+//! the user chooses (a bitmap's chunks). A waiter re-checks whenever any
+//! lock is released.
 
 use std::cell::RefCell;
 use std::future::Future;
