@@ -123,10 +123,15 @@ impl Perms {
         }
     }
 
-    /// A backing file: read where the overlay holds nothing, so nobody may
-    /// change what it holds (writes that keep it unchanged are fine).
+    /// A backing file: read where the overlay holds nothing. Others may
+    /// write it, as in QEMU (whose backing links share writes when the
+    /// overlay's users do, as exports do): the fleecing of an image relies
+    /// on it — an overlay backed by a disk that keeps being written, kept
+    /// consistent by copy-before-write. Writing a backing file behind an
+    /// overlay's back is the user's choice; a backing file opened from an
+    /// image's header is read-only and its file is locked against others.
     pub const fn backing() -> Perms {
-        Perms { perm: perm::CONSISTENT_READ, shared: perm::CONSISTENT_READ | perm::WRITE_UNCHANGED }
+        Perms { perm: perm::CONSISTENT_READ, shared: perm::ALL }
     }
 
     /// Shares everything (`force-share=on`).
@@ -527,7 +532,7 @@ mod tests {
         assert_eq!(r.conflicts(r), (0, 0));
         assert_eq!(Perms::read().conflicts(Perms::exclusive_write()).0, perm::CONSISTENT_READ);
         assert_eq!(Perms::write_unchanged().conflicts(Perms::backing()), (0, 0));
-        assert_eq!(Perms::write().conflicts(Perms::backing()).0, perm::WRITE);
+        assert_eq!(Perms::write().conflicts(Perms::backing()), (0, 0));
         assert_eq!(perm::names(perm::CONSISTENT_READ | perm::WRITE), "consistent read, write");
     }
 

@@ -10,6 +10,7 @@
 //!   copies.rs    the bounded copy machinery commit and stream share
 //!   ratelimit.rs the speed limit
 //!   mirror.rs    mirror and active commit (filter, copy loop, pivot)
+//!   backup.rs    backup (copy-before-write filter, background copy, bitmaps)
 //!   chain.rs     backing chains: layers by name, writable twins
 //!   commit.rs    commit (intermediate here, active on the mirror engine)
 //!   stream.rs    stream
@@ -21,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod chain;
 pub mod commit;
 pub mod copies;

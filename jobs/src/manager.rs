@@ -9,7 +9,7 @@
 //! ```text
 //!   created → running ⇄ paused        task returns Ok ─▶ waiting → pending
 //!                ↓ ready ⇄ standby        (auto-finalize, or job-finalize)
-//!                                         → prepare ─ok─▶ COMPLETED → concluded
+//!                                         → prepare ─ok─▶ commit → COMPLETED → concluded
 //!   task fails / forced cancel ─▶ aborting → abort → CANCELLED | COMPLETED{error}
 //!                                         → concluded → null (auto-dismiss or job-dismiss)
 //! ```
@@ -51,6 +51,10 @@ pub trait JobHooks: Send {
     fn prepare(&mut self, _graph: &mut Graph, _job: &JobShared) -> Result<(), String> {
         Ok(())
     }
+
+    /// Makes a prepared job's outcome final (a backup's bitmap); cannot
+    /// fail. In a transaction, runs once every job of it has prepared.
+    fn commit(&mut self, _graph: &mut Graph, _job: &JobShared) {}
 
     /// Undoes what the job set up, after a failure or a cancel.
     fn abort(&mut self, _graph: &mut Graph, _job: &JobShared) {}
@@ -369,6 +373,7 @@ impl JobManager {
         if let Err(e) = self.entries[i].hooks.prepare(graph, &job) {
             return self.abort(graph, i, Some(e));
         }
+        self.entries[i].hooks.commit(graph, &job);
         {
             let st = job.lock();
             job.emit_block_event(&st, "BLOCK_JOB_COMPLETED", json!({}));
