@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bdev::forward::ForwardChannel;
-use bdev::locks::RangeLocks;
 use bdev::lock::perm;
+use bdev::locks::RangeLocks;
 use bdev::{
     Bdev, BdevError, BdevInfo, Bitmap, BlockChannel, BlockStatus, Channel, Child, Claim, DirtyBits, Done, Graph, Io,
     IoError, IoFlags, LocalBoxFuture, Node, Perms,
@@ -328,9 +328,10 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
     // What is left to copy, and the bitmaps' state at this instant.
     let bits = Arc::new(DirtyBits::new(source.size(), cluster));
     match cfg.sync {
-        BackupSync::Full | BackupSync::Top => bits.set_all(),
+        // With `sync=none` nothing is copied in the background, but every
+        // cluster's old data is copied the first time it is written.
+        BackupSync::Full | BackupSync::Top | BackupSync::None => bits.set_all(),
         BackupSync::Bitmap => bits.merge_from(cfg.bitmap.as_ref().expect("checked by the caller").bits()),
-        BackupSync::None => {}
     }
     let frozen = cfg.bitmap.as_ref().map(|b| Frozen::new(&source, b));
 
@@ -521,7 +522,7 @@ async fn run(
         ctx.rate_limit(bytes).await;
     }
     copies.drain().await;
-    while let Some(f) = copies.failure() {
+    if let Some(f) = copies.failure() {
         return Err(f.error.to_string());
     }
     c.target.flush().await.map_err(|e| e.to_string())
@@ -561,8 +562,7 @@ struct Frozen {
 impl Frozen {
     fn new(node: &Node, bitmap: &Arc<Bitmap>) -> Frozen {
         let was_recording = bitmap.recording();
-        let successor =
-            Arc::new(Bitmap::new(None, bitmap.bits().size(), bitmap.bits().granularity(), was_recording));
+        let successor = Arc::new(Bitmap::new(None, bitmap.bits().size(), bitmap.bits().granularity(), was_recording));
         node.bitmaps().add(Arc::clone(&successor));
         node.bitmaps().set_recording(bitmap, false);
         bitmap.set_busy(true);

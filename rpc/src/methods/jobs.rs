@@ -143,11 +143,11 @@ fn decode_empty(params: Option<Value>) -> Result<serde_json::Map<String, Value>,
 }
 
 /// A job id: given, well formed, or QEMU's error for node-only configurations.
-fn job_id(id: Option<String>) -> Result<String, RpcError> {
+pub(super) fn job_id(id: Option<String>) -> Result<String, RpcError> {
     id.ok_or_else(|| RpcError::invalid_params("An explicit job ID is required"))
 }
 
-fn speed(speed: Option<i64>) -> Result<u64, RpcError> {
+pub(super) fn speed(speed: Option<i64>) -> Result<u64, RpcError> {
     match speed {
         Some(s) if s < 0 => Err(RpcError::invalid_params("Parameter 'speed' expects a non-negative value")),
         Some(s) => Ok(s as u64),
@@ -375,7 +375,7 @@ pub(super) fn block_stream(ctl: &mut Control, params: Option<Value>) -> Result<V
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
-enum NewImageMode {
+pub(super) enum NewImageMode {
     Existing,
     #[default]
     AbsolutePaths,
@@ -418,7 +418,7 @@ struct DriveMirrorParams {
 }
 
 /// The image format of a node, as a target file would be created in.
-fn format_of(node: &bdev::Node) -> &'static str {
+pub(super) fn format_of(node: &bdev::Node) -> &'static str {
     match node.driver() {
         "qcow2" => "qcow2",
         _ => "raw",
@@ -429,7 +429,6 @@ fn format_of(node: &bdev::Node) -> &'static str {
 /// (`mode: absolute-paths`, with the backing the sync mode needs) or
 /// opened as it is (`mode: existing`).
 pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    use bdev::drivers::qcow2::create::{CreateOptions, create, create_raw};
     let p: DriveMirrorParams = decode(params)?;
     check_replaces(p.replaces.as_deref(), &p.device)?;
     let id = job_id(p.job_id)?;
@@ -451,32 +450,13 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
         SyncMode::None => Some(Arc::clone(&source)),
         _ => None,
     };
-    let path = std::path::PathBuf::from(&p.target);
-    let mut opts = json!({"file": {"driver": "file", "filename": p.target}});
-    if p.mode == NewImageMode::AbsolutePaths {
-        let size = source.size();
-        let made = if format == "qcow2" {
-            let (file, fmt) = match &below {
-                Some(b) => (Some(jobs::chain::filename(b)), Some(format_of(b).to_string())),
-                None => (None, None),
-            };
-            create(&path, &CreateOptions { size, cluster_size: None, backing_file: file, backing_format: fmt })
-        } else {
-            create_raw(&path, size)
-        };
-        made.map_err(|e| match e {
-            // QEMU's words, as qemu-storage-daemon answers.
-            BdevError::Locked(_) => bdev_error(e),
-            e => RpcError::failed(format!("Could not create '{}': {e}", p.target)),
-        })?;
-        if format == "qcow2" {
-            // A target over the source itself gets that backing at the
-            // pivot: until then the source must stay a root.
-            let now = if sync == SyncMode::None { None } else { below.as_ref() };
-            opts["backing"] = now.map_or(Value::Null, |b| json!(b.name()));
-        }
+    let mut opts = create_target(&source, &p.target, &format, p.mode, below.as_ref())?;
+    if p.mode == NewImageMode::AbsolutePaths && format == "qcow2" {
+        // A target over the source itself gets that backing at the
+        // pivot: until then the source must stay a root.
+        let now = if sync == SyncMode::None { None } else { below.as_ref() };
+        opts["backing"] = now.map_or(Value::Null, |b| json!(b.name()));
     }
-    opts["driver"] = json!(if format.is_empty() { probe(&path)?.to_string() } else { format });
     let target = match &p.node_name {
         Some(name) => {
             opts["node-name"] = json!(name);
@@ -531,6 +511,42 @@ pub(super) fn drive_mirror(ctl: &mut Control, params: Option<Value>) -> Result<V
         return Err(job_error(e));
     }
     Ok(json!({}))
+}
+
+/// The target file of `drive-mirror` and `drive-backup`: created empty
+/// (`absolute-paths`) as `format` (qcow2 or raw) the size of `source`,
+/// naming `below` as its backing file in the header, or opened as it is
+/// (`existing`, format probed when not given). Returns `blockdev-add`
+/// options for it, without a node name. A file any node has open is
+/// refused, as qemu-storage-daemon refuses it.
+pub(super) fn create_target(
+    source: &bdev::Node,
+    target: &str,
+    format: &str,
+    mode: NewImageMode,
+    below: Option<&Arc<bdev::Node>>,
+) -> Result<Value, RpcError> {
+    use bdev::drivers::qcow2::create::{CreateOptions, create, create_raw};
+    let path = std::path::PathBuf::from(target);
+    if mode == NewImageMode::AbsolutePaths {
+        let size = source.size();
+        let made = if format == "qcow2" {
+            let (file, fmt) = match below {
+                Some(b) => (Some(jobs::chain::filename(b)), Some(format_of(b).to_string())),
+                None => (None, None),
+            };
+            create(&path, &CreateOptions { size, cluster_size: None, backing_file: file, backing_format: fmt })
+        } else {
+            create_raw(&path, size)
+        };
+        made.map_err(|e| match e {
+            // QEMU's words, as qemu-storage-daemon answers.
+            BdevError::Locked(_) => bdev_error(e),
+            e => RpcError::failed(format!("Could not create '{target}': {e}")),
+        })?;
+    }
+    let driver = if format.is_empty() { probe(&path)?.to_string() } else { format.to_string() };
+    Ok(json!({"driver": driver, "file": {"driver": "file", "filename": target}}))
 }
 
 /// The cluster size of the qcow2 images drive-mirror creates (the default).

@@ -1,11 +1,12 @@
 //! Command implementations, registered in one table.
 
+mod backup;
 mod bitmaps;
 mod blkdebug;
 mod block;
 mod daemon;
 mod debug_io;
-mod jobs;
+pub(crate) mod jobs;
 pub(crate) mod nbd;
 pub(crate) mod objects;
 mod perf;
@@ -75,6 +76,8 @@ pub fn registry() -> Registry<Control> {
     r.add("block-job-dismiss", "Remove a concluded block job", jobs::block_job_dismiss);
     r.add("block-job-set-speed", "Change a block job's speed limit (bytes/s)", jobs::block_job_set_speed);
     r.add("blockdev-mirror", "Mirror a node into an existing node", jobs::blockdev_mirror);
+    r.add("blockdev-backup", "Copy a node as it is now into an existing node", backup::blockdev_backup);
+    r.add("drive-backup", "Copy a node as it is now into a new (or existing) image file", backup::drive_backup);
     r.add("drive-mirror", "Mirror a node into a new (or existing) image file", jobs::drive_mirror);
     r.add("block-commit", "Merge a chain's layers down into a lower one", jobs::block_commit);
     r.add("block-stream", "Pull backing data up into an image", jobs::block_stream);

@@ -1,0 +1,291 @@
+//! Backup: copies of a running disk as it was when the job started, full,
+//! top, none and incremental with dirty bitmaps, checked with QEMU's tools;
+//! bitmap modes on success and failure; argument errors as
+//! qemu-storage-daemon gives them.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::qsd::{Peer, Qsd, Reply};
+use support::{Daemon, Qmp, run};
+
+const MIB: u64 = 1 << 20;
+
+fn qcow2(d: &Daemon, name: &str, size: &str, backing: Option<&Path>) -> PathBuf {
+    let p = d.path(name);
+    support::qcow2_image(&p, size, backing);
+    p
+}
+
+fn qio(img: &Path, fmt: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    if cmds.iter().all(|c| c.starts_with("read")) {
+        c.args(["-r", "-U"]);
+    }
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(c.arg(img));
+    assert!(!out.contains("fail") && !out.contains("Pattern verification"), "{cmds:?}: {out}");
+}
+
+fn add(d: &Daemon, node: &str, p: &Path) {
+    d.ok("blockdev-add", json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": p}}));
+}
+
+fn export(d: &Daemon, node: &str) -> String {
+    if d.call("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": d.path("nbd.sock")}}})).is_err() {
+        // Already running.
+    }
+    d.ok("block-export-add", json!({"type": "nbd", "id": node, "node-name": node, "writable": true}));
+    format!("nbd+unix:///{node}?socket={}", d.path("nbd.sock").display())
+}
+
+/// Waits for the job's end; returns its BLOCK_JOB_* event.
+fn wait_end(q: &mut Qmp, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = q.read_value();
+        if (ev["event"] == "BLOCK_JOB_COMPLETED" || ev["event"] == "BLOCK_JOB_CANCELLED") && ev["data"]["device"] == id
+        {
+            return ev;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not end");
+    }
+}
+
+fn bitmap_count(d: &Daemon, node: &str, name: &str) -> u64 {
+    let nodes = d.ok("query-named-block-nodes", json!({}));
+    let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == node).unwrap();
+    n["dirty-bitmaps"].as_array().unwrap().iter().find(|b| b["name"] == name).unwrap()["count"].as_u64().unwrap()
+}
+
+fn compare(a: &Path, b: &Path) {
+    run(Command::new("qemu-img").args(["compare", "-U"]).arg(a).arg(b));
+}
+
+#[test]
+fn a_full_backup_holds_the_disk_as_it_was_when_the_job_started() {
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    let src = qcow2(&d, "src.qcow2", "64M", None);
+    qio(&src, "qcow2", &["write -P 0x11 0 32M", "write -z 32M 8M", "write -P 0x12 48M 4M"]);
+    let snapshot = d.path("snapshot.qcow2");
+    std::fs::copy(&src, &snapshot).unwrap();
+    let tgt = qcow2(&d, "tgt.qcow2", "64M", None);
+    add(&d, "src", &src);
+    add(&d, "tgt", &tgt);
+    let uri = export(&d, "src");
+    // Slow, so the client's writes land on ranges not copied yet.
+    d.ok("blockdev-backup", json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 4 * MIB}));
+    qio(
+        Path::new(&uri),
+        "raw",
+        &["write -P 0x21 0 16M", "write -P 0x22 33M 1M", "write -z 48M 1M", "write -P 0x23 60M 64k"],
+    );
+    d.ok("block-job-set-speed", json!({"device": "b", "speed": 0}));
+    let ev = wait_end(&mut q, "b");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    assert_eq!(ev["data"]["offset"], ev["data"]["len"]);
+    d.ok("blockdev-del", json!({"node-name": "tgt"}));
+    compare(&snapshot, &tgt);
+    run(Command::new("qemu-img").args(["check", "-q"]).arg(&tgt));
+    qio(&src, "qcow2", &["read -P 0x21 0 16M", "read -P 0x22 33M 1M", "read -P 0 48M 1M", "read -P 0x23 60M 64k"]);
+}
+
+#[test]
+fn incremental_backups_chain_up_to_the_disk_at_each_point() {
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    let src = qcow2(&d, "src.qcow2", "64M", None);
+    qio(&src, "qcow2", &["write -P 0x11 0 64M"]);
+    add(&d, "src", &src);
+    let uri = export(&d, "src");
+    // Full backup with a bitmap that starts at the same instant (nothing
+    // is written between the two commands here).
+    d.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "inc"}));
+    let full = qcow2(&d, "full.qcow2", "64M", None);
+    add(&d, "full", &full);
+    d.ok("blockdev-backup", json!({"job-id": "b0", "device": "src", "target": "full", "sync": "full"}));
+    assert!(wait_end(&mut q, "b0")["data"].get("error").is_none());
+    d.ok("blockdev-del", json!({"node-name": "full"}));
+    let mut prev = full;
+    for (i, cmds) in [
+        vec!["write -P 0x21 1M 64k", "write -P 0x22 20M 3M"],
+        vec!["write -P 0x31 20M 1M", "write -z 40M 1M", "write -P 0x32 63M 4k"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        qio(Path::new(&uri), "raw", cmds);
+        let dirty = bitmap_count(&d, "src", "inc");
+        assert!(dirty > 0, "the bitmap saw the writes");
+        // The point to back up: the disk now.
+        let point = d.path(&format!("point{i}.raw"));
+        run(Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&src).arg(&point));
+        let inc = qcow2(&d, &format!("inc{i}.qcow2"), "64M", Some(&prev));
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "inc", "backing": null,
+                   "file": {"driver": "file", "filename": inc}}),
+        );
+        d.ok(
+            "blockdev-backup",
+            json!({"job-id": "b", "device": "src", "target": "inc", "sync": "incremental", "bitmap": "inc"}),
+        );
+        // Writes during the incremental land in the next one, not this one.
+        qio(Path::new(&uri), "raw", &["write -P 0x41 5M 64k"]);
+        let ev = wait_end(&mut q, "b");
+        assert!(ev["data"].get("error").is_none(), "{ev}");
+        assert!(ev["data"]["len"].as_u64().unwrap() <= dirty + 64 * 1024, "only the dirty part was copied: {ev}");
+        assert_eq!(bitmap_count(&d, "src", "inc"), 65536, "only the write made during the job is left");
+        d.ok("blockdev-del", json!({"node-name": "inc"}));
+        // The incremental over the previous ones reads as the disk did.
+        run(Command::new("qemu-img").args(["compare", "-U", "-f", "qcow2", "-F", "raw"]).arg(&inc).arg(&point));
+        prev = inc;
+    }
+}
+
+#[test]
+fn bitmap_modes_decide_what_a_failed_or_finished_backup_leaves() {
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    let src = qcow2(&d, "src.qcow2", "16M", None);
+    add(&d, "src", &src);
+    let uri = export(&d, "src");
+    d.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "m"}));
+    qio(Path::new(&uri), "raw", &["write -P 1 0 1M", "write -P 2 8M 1M"]);
+    assert_eq!(bitmap_count(&d, "src", "m"), 2 * MIB);
+    // A target whose writes fail from 8 MiB on: the first MiB copies, the
+    // second does not.
+    let bad = d.path("bad.img");
+    support::sparse_file(&bad, 16 * MIB);
+    for (mode, left) in [("on-success", 2 * MIB), ("always", MIB), ("never", 2 * MIB)] {
+        d.ok(
+            "blockdev-add",
+            json!({"driver": "blkdebug", "node-name": "t",
+                   "inject-error": [{"event": "write_aio", "errno": 5, "sector": 16384, "once": false}],
+                   "image": {"driver": "raw", "file": {"driver": "file", "filename": bad}}}),
+        );
+        d.ok(
+            "blockdev-backup",
+            json!({"job-id": "b", "device": "src", "target": "t", "sync": "bitmap", "bitmap": "m",
+                   "bitmap-mode": mode, "x-perf": {"max-chunk": 1048576}}),
+        );
+        let ev = wait_end(&mut q, "b");
+        assert!(ev["data"]["error"].is_string(), "{mode}: the backup fails: {ev}");
+        assert_eq!(bitmap_count(&d, "src", "m"), left, "{mode}");
+        d.ok("blockdev-del", json!({"node-name": "t"}));
+        // Back to both ranges dirty for the next mode.
+        qio(Path::new(&uri), "raw", &["write -P 1 0 1M"]);
+    }
+    // A successful one with on-success empties it; with never it keeps it.
+    let good = qcow2(&d, "good.qcow2", "16M", None);
+    add(&d, "good", &good);
+    d.ok("blockdev-backup", json!({"job-id": "b", "device": "src", "target": "good", "sync": "bitmap", "bitmap": "m", "bitmap-mode": "never"}));
+    assert!(wait_end(&mut q, "b")["data"].get("error").is_none());
+    assert_eq!(bitmap_count(&d, "src", "m"), 2 * MIB);
+    d.ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "good", "sync": "incremental", "bitmap": "m"}),
+    );
+    assert!(wait_end(&mut q, "b")["data"].get("error").is_none());
+    assert_eq!(bitmap_count(&d, "src", "m"), 0);
+}
+
+#[test]
+fn sync_none_keeps_old_data_for_an_overlay_and_sync_top_copies_the_top_layer() {
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    let base = qcow2(&d, "base.qcow2", "16M", None);
+    qio(&base, "qcow2", &["write -P 0x11 0 16M"]);
+    let src = qcow2(&d, "src.qcow2", "16M", Some(&base));
+    qio(&src, "qcow2", &["write -P 0x22 4M 4M"]);
+    add(&d, "src", &src);
+    let uri = export(&d, "src");
+    // sync=none: the target overlay gets what the disk is about to lose.
+    let fleece = d.path("fleece.qcow2");
+    d.ok("drive-backup", json!({"job-id": "n", "device": "src", "target": fleece, "sync": "none", "format": "qcow2"}));
+    qio(Path::new(&uri), "raw", &["write -P 0x33 0 1M", "write -P 0x44 4M 1M"]);
+    d.ok("job-cancel", json!({"id": "n"}));
+    wait_end(&mut q, "n");
+    qio(&fleece, "qcow2", &["read -P 0x11 0 1M", "read -P 0x22 4M 1M", "read -P 0x11 1M 3M"]);
+    // sync=top: only the top layer's data, over the same backing file.
+    let top = d.path("top.qcow2");
+    d.ok("drive-backup", json!({"job-id": "t", "device": "src", "target": top, "sync": "top", "format": "qcow2"}));
+    let ev = wait_end(&mut q, "t");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    let map = run(Command::new("qemu-img").args(["map", "-U", "--output=json"]).arg(&top));
+    let map: Value = serde_json::from_str(&map).unwrap();
+    let own: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(own, 5 * MIB, "the top layer's 4 MiB and the 1 MiB written over the base: {map}");
+    qio(&top, "qcow2", &["read -P 0x33 0 1M", "read -P 0x44 4M 1M", "read -P 0x22 5M 3M", "read -P 0x11 8M 8M"]);
+}
+
+#[test]
+fn argument_errors_are_qemu_storage_daemons() {
+    let d = Daemon::start();
+    let mut answers = Vec::new();
+    for who in ["qsd", "spindle"] {
+        let a = qcow2(&d, &format!("{who}-a.qcow2"), "64M", None);
+        let t = qcow2(&d, &format!("{who}-t.qcow2"), "64M", None);
+        let s = qcow2(&d, &format!("{who}-s.qcow2"), "32M", None);
+        let qsd;
+        let mut q = if who == "qsd" {
+            qsd = Some(Qsd::start(d.dir.path()));
+            Peer::negotiated(&qsd.as_ref().unwrap().qmp)
+        } else {
+            qsd = None;
+            Peer::negotiated(&d.qmp)
+        };
+        for (n, p) in [("a", &a), ("t", &t), ("s", &s)] {
+            let r = q.execute(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": n, "file": {"driver": "file", "filename": p}}),
+            );
+            assert_eq!(r, Reply::Return(json!({})));
+        }
+        assert_eq!(q.execute("block-dirty-bitmap-add", json!({"node": "a", "name": "b0"})), Reply::Return(json!({})));
+        let base = json!({"job-id": "j", "device": "a", "target": "t"});
+        let with = |extra: Value| {
+            let mut v = base.clone();
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let mut got = Vec::new();
+        for args in [
+            with(json!({"sync": "incremental"})),
+            with(json!({"sync": "bitmap"})),
+            with(json!({"sync": "incremental", "bitmap": "b0", "bitmap-mode": "never"})),
+            with(json!({"sync": "full", "bitmap": "b0"})),
+            with(json!({"sync": "none", "bitmap": "b0", "bitmap-mode": "always"})),
+            with(json!({"sync": "full", "bitmap": "nope", "bitmap-mode": "always"})),
+            with(json!({"sync": "full", "bitmap-mode": "always"})),
+            with(json!({"sync": "full", "target": "s"})),
+            with(json!({"sync": "full", "target": "a"})),
+            with(json!({"sync": "full", "target": "nope"})),
+            with(json!({"sync": "full", "device": "nope"})),
+            with(json!({"sync": "full", "x-perf": {"max-chunk": 1000}})),
+            with(json!({"sync": "full", "speed": -1})),
+            with(json!({"sync": "bogus"})),
+        ] {
+            got.push((args.clone(), q.execute("blockdev-backup", args)));
+        }
+        drop(qsd);
+        answers.push(got);
+    }
+    for ((args, a), (_, b)) in answers[0].iter().zip(&answers[1]) {
+        assert_eq!(b, a, "blockdev-backup {args}");
+    }
+}
