@@ -49,7 +49,7 @@ fn blockdev_add_rules_and_mistakes() {
         "blockdev-add",
         json!({"driver": "blkdebug", "node-name": "d1", "image": "m0", "inject-error": [{"event": "nope"}]}),
     );
-    assert_eq!((code, msg.as_str()), (-32602, "Parameter 'inject-error[0].event' does not accept value 'nope'"));
+    assert_eq!((code, msg.as_str()), (-32602, "Parameter 'event' does not accept value 'nope'"));
     let (code, msg, _) = d.err("x-blkdebug-set-rules", json!({"node-name": "m0", "inject-error": []}));
     assert_eq!((code, msg.as_str()), (-32602, "Node 'm0' is not a blkdebug node (driver 'malloc')"));
     let (code, _, _) = d.err("x-blkdebug-set-rules", json!({"node-name": "nope", "inject-error": []}));

@@ -15,10 +15,16 @@
 //! [`Backend::replace_root`] bumps the generation; [`Backend::drained`]
 //! then tells when every request sent to the old root has completed — the
 //! moment a filter inserted in front of it sees every write.
+//!
+//! [`Backend::hold`] quiesces a user: new requests wait (they are not
+//! failed) and the call returns once those in flight have completed. A
+//! transaction holds every user of the nodes it touches, so all its actions
+//! take effect at one instant; dropping the [`Held`] lets the waiting
+//! requests go, to whatever root the backend has by then.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +55,13 @@ pub struct DrainTimeout {
 #[derive(Default)]
 struct Slot([AtomicU64; 2]);
 
+/// Requests that arrived while the backend was held, one wake-up per
+/// waiting request.
+#[derive(Default)]
+struct Gate {
+    waiting: Vec<reactor::ReplyTx<()>>,
+}
+
 struct Root {
     generation: u64,
     node: Arc<Node>,
@@ -62,6 +75,9 @@ pub struct Backend {
     root: Mutex<Root>,
     generation: AtomicU64,
     inflight: Box<[Slot]>,
+    /// Set while held: requests wait at the gate instead of entering.
+    held: AtomicBool,
+    gate: Mutex<Gate>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -81,6 +97,8 @@ impl Backend {
             root: Mutex::new(Root { generation: 0, node: Arc::clone(node), _claim: claim }),
             generation: AtomicU64::new(0),
             inflight: (0..SLOTS).map(|_| Slot::default()).collect(),
+            held: AtomicBool::new(false),
+            gate: Mutex::new(Gate::default()),
         });
         node.add_user(&backend);
         Ok(backend)
@@ -148,6 +166,49 @@ impl Backend {
         Ok(())
     }
 
+    /// Quiesces the backend until the returned [`Held`] is dropped: new
+    /// requests wait, and the call returns once every request already sent
+    /// has completed (or fails at `deadline`, released again).
+    pub fn hold(self: &Arc<Self>, deadline: Instant) -> Result<Held, DrainTimeout> {
+        let old = {
+            let mut root = self.lock();
+            // The flag before the generation: a request that sees the new
+            // generation also sees the flag (both SeqCst), and one that saw
+            // neither is counted under the old generation and waited for.
+            self.held.store(true, Ordering::SeqCst);
+            let old = root.generation;
+            root.generation = old + 1;
+            self.generation.store(old + 1, Ordering::SeqCst);
+            old
+        };
+        let held = Held { backend: Arc::clone(self) };
+        self.wait_drained(old, deadline)?;
+        Ok(held)
+    }
+
+    fn release(&self) {
+        let waiting = {
+            let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            self.held.store(false, Ordering::SeqCst);
+            std::mem::take(&mut gate.waiting)
+        };
+        for w in waiting {
+            w.send(());
+        }
+    }
+
+    /// A wake-up for a request that found the backend held, or None if the
+    /// hold ended meanwhile.
+    fn wait_at_gate(&self) -> Option<reactor::Reply<()>> {
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.held.load(Ordering::SeqCst) {
+            return None;
+        }
+        let (tx, rx) = reactor::reply();
+        gate.waiting.push(tx);
+        Some(rx)
+    }
+
     /// A channel for the calling reactor (one per user and reactor).
     pub fn channel(self: &Arc<Self>) -> Result<Rc<BackendChannel>, BdevError> {
         let (generation, node) = {
@@ -163,6 +224,23 @@ impl Backend {
             pending: RefCell::new(Slab::new()),
             me: me.clone(),
         }))
+    }
+}
+
+/// A held backend (see [`Backend::hold`]); dropping it lets requests go.
+pub struct Held {
+    backend: Arc<Backend>,
+}
+
+impl Held {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.backend.release();
     }
 }
 
@@ -195,16 +273,34 @@ impl BackendChannel {
         Ok(cur.1.clone())
     }
 
-    /// Counts a request in flight under the current generation and returns it.
-    fn enter(&self) -> u64 {
+    /// Counts a request in flight under the current generation and returns
+    /// it, or None while the backend is held.
+    fn enter(&self) -> Option<u64> {
         let slot = &self.backend.inflight[self.slot].0;
         loop {
             let g = self.backend.generation.load(Ordering::SeqCst);
             slot[(g & 1) as usize].fetch_add(1, Ordering::SeqCst);
             if self.backend.generation.load(Ordering::SeqCst) == g {
-                return g;
+                if self.backend.held.load(Ordering::SeqCst) {
+                    slot[(g & 1) as usize].fetch_sub(1, Ordering::SeqCst);
+                    return None;
+                }
+                return Some(g);
             }
             slot[(g & 1) as usize].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts a request in, waiting out a hold.
+    async fn enter_wait(&self) -> u64 {
+        loop {
+            if let Some(g) = self.enter() {
+                return g;
+            }
+            if let Some(wake) = self.backend.wait_at_gate() {
+                // A dropped wake-up means the hold's owner is gone: go on.
+                let _ = wake.await;
+            }
         }
     }
 
@@ -212,9 +308,22 @@ impl BackendChannel {
         self.backend.inflight[self.slot].0[(generation & 1) as usize].fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Submits a request to the current root.
+    /// Submits a request to the current root (once a hold is over).
     pub fn submit(&self, io: Io, done: Done) {
-        let generation = self.enter();
+        let Some(generation) = self.enter() else {
+            let Some(me) = self.me.upgrade() else {
+                return done.complete_later(io, Err(IoError::Canceled));
+            };
+            reactor::spawn_local(async move {
+                let generation = me.enter_wait().await;
+                me.submit_entered(generation, io, done);
+            });
+            return;
+        };
+        self.submit_entered(generation, io, done);
+    }
+
+    fn submit_entered(&self, generation: u64, io: Io, done: Done) {
         let ch = match self.channel_for(generation) {
             Ok(ch) => ch,
             Err(e) => {
@@ -230,7 +339,7 @@ impl BackendChannel {
 
     /// Block status of the current root.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, IoError> {
-        let generation = self.enter();
+        let generation = self.enter_wait().await;
         let res = match self.channel_for(generation) {
             Ok(ch) => ch.block_status(offset, len).await,
             Err(_) => Err(IoError::Canceled),

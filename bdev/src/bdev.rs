@@ -64,6 +64,24 @@ pub trait Bdev: Send + Sync + 'static {
         Err(BdevError::Unsupported(format!("driver '{}' has no backing file", self.driver())))
     }
 
+    /// Reads what this layer does not hold from `backing` from now on,
+    /// without touching the image (`blockdev-snapshot` puts an overlay over
+    /// a running disk). Formats without a backing file refuse.
+    fn attach_backing(&self, _backing: Option<&Arc<Node>>) -> Result<(), BdevError> {
+        Err(BdevError::invalid("The overlay does not support backing images"))
+    }
+
+    /// A filter: passes requests on to one child (QEMU refuses filters
+    /// as snapshot overlays).
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// Whether the format can have a backing file at all.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
     /// The node's claims now add up to `perms` (what its users do and what
     /// they let others do). Drivers over files turn this into image locks
     /// and refuse what another user of the file forbids; an error leaves

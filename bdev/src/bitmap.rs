@@ -179,6 +179,13 @@ impl DirtyBits {
         (chunk..end).take_while(|&c| self.get(c)).count() as u64
     }
 
+    /// A copy of the bits as they are now.
+    pub fn copy(&self) -> DirtyBits {
+        let c = DirtyBits::new(self.size(), self.granularity());
+        c.merge_from(self);
+        c
+    }
+
     /// Marks here every byte range `other` marks (any granularity; same
     /// size, which the caller checks).
     pub fn merge_from(&self, other: &DirtyBits) {

@@ -12,18 +12,18 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reactor::Handle;
 use serde_json::{Value, json};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Held};
 use crate::bdev::{Bdev, EventSink};
 use crate::bitmap::BitmapSet;
 use crate::channel::{BlockChannel, ChannelPolicy, cached_channel, drop_cached_channel};
 use crate::error::BdevError;
-use crate::lock::Perms;
+use crate::lock::{Perms, perm};
 use crate::options::{CommonOptions, OptReader, validate_node_name};
 
 /// Opens a device for a driver. Reads its own options from the reader and
@@ -66,6 +66,12 @@ pub struct Claim {
 impl Claim {
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// What the claim holds.
+    pub fn perms(&self) -> Perms {
+        let claims = self.node.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.iter().find(|c| c.id == self.id).map_or(Perms::NONE, |c| c.perms)
     }
 }
 
@@ -124,6 +130,9 @@ pub struct Node {
     replaced_by: Mutex<Option<String>>,
     /// Dirty bitmaps every write through the node's channels marks.
     bitmaps: Arc<BitmapSet>,
+    /// Made read-only while open (the old top of a chain once an overlay
+    /// is put over it): no claim may write any more.
+    demoted: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -154,7 +163,17 @@ impl Node {
     }
 
     pub fn read_only(&self) -> bool {
-        self.common.read_only || self.bdev.read_only()
+        self.common.read_only || self.bdev.read_only() || self.demoted.load(Ordering::Relaxed)
+    }
+
+    /// What all claims on the node hold together.
+    pub fn perms_in_use(&self) -> Perms {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter().fold(Perms::NONE, |u, c| u.union(c.perms))
+    }
+
+    /// True when `other` is this node or below it.
+    pub fn reaches(&self, other: &Node) -> bool {
+        self.id == other.id || self.children().iter().any(|(_, c)| c.reaches(other))
     }
 
     /// The reactor requests to this node are best submitted on (see [`Bdev::home`]).
@@ -659,6 +678,7 @@ impl Graph {
             users: Mutex::new(Vec::new()),
             replaced_by: Mutex::new(None),
             bitmaps: Arc::default(),
+            demoted: AtomicBool::new(false),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);
@@ -705,6 +725,7 @@ impl Graph {
             users: Mutex::new(Vec::new()),
             replaced_by: Mutex::new(None),
             bitmaps: Arc::default(),
+            demoted: AtomicBool::new(false),
         });
         self.nodes.insert(name.clone(), Arc::clone(&node));
         self.order.push(name);
@@ -775,6 +796,69 @@ impl Graph {
         node.bdev.change_backing(backing, name, format)?;
         self.swap_child(node, "backing", claim);
         Ok(())
+    }
+
+    /// Makes `overlay` read what it lacks from `backing` (or from nothing),
+    /// without writing its image: the link `blockdev-snapshot` adds.
+    pub fn attach_backing(&mut self, overlay: &Arc<Node>, backing: Option<&Arc<Node>>) -> Result<(), BdevError> {
+        let claim = Self::claim_child(overlay, "backing", backing, Perms::backing())?;
+        overlay.bdev.attach_backing(backing)?;
+        self.swap_child(overlay, "backing", claim);
+        Ok(())
+    }
+
+    /// Makes an open node read-only, as QEMU reopens the old top of a chain
+    /// after a snapshot: refused while a claim writes it; its format's file
+    /// is then held for reading only.
+    pub fn demote(&mut self, node: &Arc<Node>) -> Result<(), BdevError> {
+        if node.read_only() {
+            return Ok(());
+        }
+        if node.perms_in_use().writes() {
+            return Err(BdevError::invalid(format!("Node '{}' is still written by its users", node.name)));
+        }
+        node.demoted.store(true, Ordering::Relaxed);
+        // The format's file is then only read: its claim is taken again
+        // without write (the old one goes first, or the two would conflict).
+        let mut children = node.children.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = children.iter().position(|c| c.role == "file" && c.claim.perms().writes()) {
+            let old = children.remove(i);
+            let (file, p) = (Arc::clone(old.node()), old.claim.perms());
+            let holder = format!("node '{}' (file child)", node.name);
+            drop(old);
+            let reading = Perms { perm: p.perm & !perm::WRITES, shared: p.shared };
+            let claim = match file.claim_as_child(holder.clone(), reading) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(node = %node.name, error = %e, "reading the file of a read-only node failed");
+                    file.claim_as_child(holder, p)?
+                }
+            };
+            children.push(Child { role: "file", claim });
+            if !file.perms_in_use().writes() {
+                file.demoted.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds every user whose root reaches one of `nodes` (see
+    /// [`Backend::hold`]): when this returns, none of their requests is in
+    /// flight and new ones wait until the returned guards are dropped.
+    pub fn hold_users(&self, nodes: &[Arc<Node>], deadline: std::time::Instant) -> Result<Vec<Held>, BdevError> {
+        let mut held: Vec<Held> = Vec::new();
+        for root in self.nodes.values() {
+            if !nodes.iter().any(|n| root.reaches(n)) {
+                continue;
+            }
+            for user in root.users() {
+                if held.iter().any(|h| Arc::ptr_eq(h.backend(), &user)) {
+                    continue;
+                }
+                held.push(user.hold(deadline).map_err(|e| BdevError::invalid(e.to_string()))?);
+            }
+        }
+        Ok(held)
     }
 
     /// Removes `node` and its chain below if they are implicit and nobody holds them.

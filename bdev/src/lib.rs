@@ -49,7 +49,7 @@ pub mod lock;
 pub mod locks;
 pub mod options;
 
-pub use backend::{Backend, BackendChannel, DRAIN_WAIT_MAX, DrainTimeout};
+pub use backend::{Backend, BackendChannel, DRAIN_WAIT_MAX, DrainTimeout, Held};
 pub use bdev::{Bdev, BdevInfo, Channel, EventSink, LocalBoxFuture};
 pub use bitmap::{Bitmap, BitmapSet, DirtyBits};
 pub use channel::{BlockChannel, ChannelPolicy, IO_BYTES_MAX, IoFuture};

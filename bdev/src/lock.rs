@@ -46,6 +46,8 @@ pub mod perm {
     pub const WRITE_UNCHANGED: u8 = 1 << 2;
     pub const RESIZE: u8 = 1 << 3;
     pub const ALL: u8 = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE;
+    /// The bits that change the node's content or size.
+    pub const WRITES: u8 = WRITE | WRITE_UNCHANGED | RESIZE;
     /// Number of bits.
     pub const COUNT: u8 = 4;
 
@@ -141,7 +143,7 @@ impl Perms {
 
     /// Needs write access to the node.
     pub fn writes(self) -> bool {
-        self.perm & (perm::WRITE | perm::WRITE_UNCHANGED | perm::RESIZE) != 0
+        self.perm & perm::WRITES != 0
     }
 
     /// What two claims together hold.

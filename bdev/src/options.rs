@@ -84,7 +84,8 @@ impl OptReader {
         if allowed.contains(&v.as_str()) {
             Ok(Some(v))
         } else {
-            Err(BdevError::invalid(format!("Parameter '{}' does not accept value '{v}'", self.full(key))))
+            // QEMU names the member alone here, not its path.
+            Err(BdevError::invalid(format!("Parameter '{key}' does not accept value '{v}'")))
         }
     }
 

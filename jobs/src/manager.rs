@@ -9,11 +9,18 @@
 //! ```text
 //!   created → running ⇄ paused        task returns Ok ─▶ waiting → pending
 //!                ↓ ready ⇄ standby        (auto-finalize, or job-finalize)
-//!                                         → prepare ─ok─▶ commit → COMPLETED → concluded
-//!   task fails / forced cancel ─▶ aborting → abort → CANCELLED | COMPLETED{error}
+//!                                         → prepare ─ok─▶ commit → clean → COMPLETED → concluded
+//!   task fails / forced cancel ─▶ aborting → abort → clean → CANCELLED | COMPLETED{error}
 //!                                         → concluded → null (auto-dismiss or job-dismiss)
 //! ```
+//!
+//! Jobs started inside a transaction ([`JobManager::begin_txn`]) stay
+//! `created` until [`JobManager::commit_txn`] runs them all, or leave
+//! without having run ([`JobManager::abort_txn`]). With grouped completion
+//! they form a group: each waits for the others, one failure or cancel
+//! cancels the rest, and they are finalized together.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +105,19 @@ struct Entry {
     running: bool,
     /// The reactor its task runs on.
     home: Handle,
+    /// Spawns the task: set while a transaction has not committed yet.
+    launch: Option<Box<dyn FnOnce() + Send>>,
+    /// The group it completes with (grouped transactions).
+    group: Option<u64>,
+    /// How its task ended when that is not the job's end yet (a group
+    /// member): None for success, Some(None) cancelled, Some(Some(e)) failed.
+    outcome: Option<Option<String>>,
+}
+
+/// A transaction being prepared: the jobs it starts are deferred.
+struct Txn {
+    group: Option<u64>,
+    jobs: Vec<String>,
 }
 
 /// The jobs of the daemon.
@@ -107,6 +127,10 @@ pub struct JobManager {
     home: Handle,
     done_tx: Sender<(String, Result<(), String>)>,
     done_rx: Receiver<(String, Result<(), String>)>,
+    txn: Option<Txn>,
+    next_group: u64,
+    /// Groups that are being aborted.
+    aborting: HashMap<u64, ()>,
 }
 
 /// Checks a job id the way QEMU does: a letter, then letters, digits, `-`, `.`, `_`.
@@ -121,7 +145,16 @@ impl JobManager {
     /// Jobs run on `home` (the reactor their nodes live on) and emit to `events`.
     pub fn new(home: Handle, events: EventSink) -> JobManager {
         let (done_tx, done_rx) = unbounded();
-        JobManager { entries: Vec::new(), events, home, done_tx, done_rx }
+        JobManager {
+            entries: Vec::new(),
+            events,
+            home,
+            done_tx,
+            done_rx,
+            txn: None,
+            next_group: 1,
+            aborting: HashMap::new(),
+        }
     }
 
     pub fn events(&self) -> &EventSink {
@@ -183,29 +216,100 @@ impl JobManager {
         {
             let mut st = job.lock();
             job.transition(&mut st, JobStatus::Created);
-            job.transition(&mut st, JobStatus::Running);
-            st.busy = true;
         }
         let home = new.home.unwrap_or_else(|| self.home.clone());
+        let (task_job, tx, run, task_home) = (Arc::clone(&job), self.done_tx.clone(), new.run, home.clone());
+        let launch: Box<dyn FnOnce() + Send> = Box::new(move || {
+            {
+                let mut st = task_job.lock();
+                task_job.transition(&mut st, JobStatus::Running);
+                st.busy = true;
+            }
+            task_home.send(move || {
+                reactor::spawn_local(async move {
+                    let id = task_job.id.clone();
+                    let ctx = JobCtx::new(task_job);
+                    ctx.pause_point().await;
+                    let res = if ctx.cancelled() { Ok(()) } else { run(ctx).await };
+                    let _ = tx.send((id, res));
+                });
+            });
+        });
+        let group = self.txn.as_ref().and_then(|t| t.group);
         self.entries.push(Entry {
             job: Arc::clone(&job),
             hooks: new.hooks,
             nodes: new.nodes,
             claims: new.claims,
             running: true,
-            home: home.clone(),
+            home,
+            launch: None,
+            group,
+            outcome: None,
         });
-        let (task_job, tx, run) = (job, self.done_tx.clone(), new.run);
-        home.send(move || {
-            reactor::spawn_local(async move {
-                let id = task_job.id.clone();
-                let ctx = JobCtx::new(task_job);
-                ctx.pause_point().await;
-                let res = if ctx.cancelled() { Ok(()) } else { run(ctx).await };
-                let _ = tx.send((id, res));
-            });
-        });
+        match &mut self.txn {
+            Some(t) => {
+                t.jobs.push(job.id.clone());
+                self.entries.last_mut().expect("just pushed").launch = Some(launch);
+            }
+            None => launch(),
+        }
         Ok(())
+    }
+
+    /// Starts a transaction: jobs started until it commits or aborts are
+    /// created but do not run; `grouped` makes them complete as one.
+    pub fn begin_txn(&mut self, grouped: bool) {
+        let group = grouped.then(|| {
+            self.next_group += 1;
+            self.next_group
+        });
+        self.txn = Some(Txn { group, jobs: Vec::new() });
+    }
+
+    /// Runs the jobs the transaction created.
+    pub fn commit_txn(&mut self) {
+        let Some(txn) = self.txn.take() else { return };
+        for id in txn.jobs {
+            if let Some(launch) = self.entries.iter_mut().find(|e| e.job.id == id).and_then(|e| e.launch.take()) {
+                launch();
+            }
+        }
+    }
+
+    /// Undoes the jobs the transaction created that are still there: they
+    /// leave without having run.
+    pub fn abort_txn(&mut self, graph: &mut Graph) {
+        let Some(txn) = self.txn.take() else { return };
+        for id in txn.jobs.iter().rev() {
+            self.abort_unstarted(graph, id);
+        }
+    }
+
+    /// Undoes job `id`, created by the transaction under way and not run
+    /// yet: aborting, concluded (null with auto-dismiss), no BLOCK_JOB_*
+    /// event, its set-up undone — QEMU's cancel of a job never started.
+    pub fn abort_txn_job(&mut self, graph: &mut Graph, id: &str) {
+        if let Some(t) = &mut self.txn {
+            t.jobs.retain(|j| j != id);
+        }
+        self.abort_unstarted(graph, id);
+    }
+
+    fn abort_unstarted(&mut self, graph: &mut Graph, id: &str) {
+        let Some(i) = self.entries.iter().position(|e| e.job.id == id && e.launch.is_some()) else { return };
+        let job = Arc::clone(&self.entries[i].job);
+        self.entries[i].launch = None;
+        self.entries[i].running = false;
+        {
+            let mut st = job.lock();
+            job.transition(&mut st, JobStatus::Aborting);
+            st.error = Some("Operation canceled".into());
+        }
+        self.entries[i].hooks.abort(graph, &job);
+        self.release(i);
+        self.entries[i].hooks.clean(graph, &job);
+        self.conclude(i);
     }
 
     fn index(&self, id: &str, block: bool) -> Result<usize, JobError> {
@@ -320,7 +424,13 @@ impl JobManager {
         if deferred && !self.entries[i].running {
             // The work is done; the job is waiting for its end: end it now.
             job.lock().force = true;
-            self.abort(graph, i, None);
+            match self.entries[i].group {
+                Some(g) => {
+                    self.entries[i].outcome = Some(None);
+                    self.abort_group(graph, g);
+                }
+                None => self.abort(graph, i, None),
+            }
         }
         Ok(())
     }
@@ -350,10 +460,17 @@ impl JobManager {
         self.entries[i].running = false;
         let job = Arc::clone(&self.entries[i].job);
         let forced = job.lock().force_cancelled();
-        match result {
-            Err(e) => self.abort(graph, i, Some(e)),
-            Ok(()) if forced => self.abort(graph, i, None),
-            Ok(()) => {
+        let failure = match result {
+            Err(e) => Some(Some(e)),
+            Ok(()) if forced => Some(None),
+            Ok(()) => None,
+        };
+        if let Some(g) = self.entries[i].group {
+            return self.group_member_finished(graph, g, i, failure);
+        }
+        match failure {
+            Some(error) => self.abort(graph, i, error),
+            None => {
                 let mut st = job.lock();
                 job.transition(&mut st, JobStatus::Waiting);
                 job.transition(&mut st, JobStatus::Pending);
@@ -369,18 +486,137 @@ impl JobManager {
     }
 
     fn do_finalize(&mut self, graph: &mut Graph, i: usize) {
+        if let Some(g) = self.entries[i].group {
+            return self.finalize_group(graph, g);
+        }
         let job = Arc::clone(&self.entries[i].job);
         if let Err(e) = self.entries[i].hooks.prepare(graph, &job) {
             return self.abort(graph, i, Some(e));
         }
+        self.finish_committed(graph, i);
+    }
+
+    /// The last steps of a job whose prepare succeeded.
+    fn finish_committed(&mut self, graph: &mut Graph, i: usize) {
+        let job = Arc::clone(&self.entries[i].job);
         self.entries[i].hooks.commit(graph, &job);
+        self.release(i);
+        self.entries[i].hooks.clean(graph, &job);
+        // After the clean-up, as QEMU: whoever reacts to the event finds
+        // filters gone and targets closed.
         {
             let st = job.lock();
             job.emit_block_event(&st, "BLOCK_JOB_COMPLETED", json!({}));
         }
-        self.release(i);
-        self.entries[i].hooks.clean(graph, &job);
         self.conclude(i);
+    }
+
+    /// The ids of group `g`'s jobs that have not concluded, in start order.
+    fn members(&self, g: u64) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| e.group == Some(g) && e.job.status() != JobStatus::Concluded)
+            .map(|e| e.job.id.clone())
+            .collect()
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.job.id == id)
+    }
+
+    /// A member of group `g` is done running: it waits for the others, or
+    /// (failed or cancelled) takes the group down.
+    fn group_member_finished(&mut self, graph: &mut Graph, g: u64, i: usize, failure: Option<Option<String>>) {
+        let job = Arc::clone(&self.entries[i].job);
+        match failure {
+            None => {
+                let mut st = job.lock();
+                job.transition(&mut st, JobStatus::Waiting);
+                st.busy = false;
+            }
+            Some(error) => {
+                self.entries[i].outcome = Some(error);
+                self.aborting.insert(g, ());
+            }
+        }
+        if self.aborting.contains_key(&g) {
+            return self.abort_group(graph, g);
+        }
+        let ids = self.members(g);
+        if ids.iter().any(|id| self.position(id).is_some_and(|k| self.entries[k].running)) {
+            return;
+        }
+        let mut manual = false;
+        for id in &ids {
+            let Some(k) = self.position(id) else { continue };
+            let job = Arc::clone(&self.entries[k].job);
+            let mut st = job.lock();
+            job.transition(&mut st, JobStatus::Pending);
+            if !st.auto_finalize {
+                manual = true;
+                job.emit("BLOCK_JOB_PENDING", json!({"type": job.kind.name(), "id": job.id}));
+            }
+        }
+        if !manual {
+            self.finalize_group(graph, g);
+        }
+    }
+
+    /// Cancels the group's running jobs; once none runs, every member is
+    /// aborted: a failed one reports its error, the others a cancel.
+    fn abort_group(&mut self, graph: &mut Graph, g: u64) {
+        self.aborting.insert(g, ());
+        let ids = self.members(g);
+        let mut running = false;
+        for id in &ids {
+            let Some(k) = self.position(id) else { continue };
+            let e = &self.entries[k];
+            if e.running {
+                running = true;
+                let mut st = e.job.lock();
+                if !st.cancelled {
+                    st.cancelled = true;
+                    st.force = true;
+                    if st.user_paused {
+                        st.user_paused = false;
+                        st.pause_count -= 1;
+                    }
+                    drop(st);
+                    e.job.kick();
+                }
+            }
+        }
+        if running {
+            return;
+        }
+        self.aborting.remove(&g);
+        for id in &ids {
+            let Some(k) = self.position(id) else { continue };
+            let error = self.entries[k].outcome.take().flatten();
+            self.entries[k].job.lock().force = true;
+            self.abort(graph, k, error);
+        }
+    }
+
+    /// Finalizes a group whose jobs are all pending: every prepare, then
+    /// every commit; one failed prepare aborts them all.
+    fn finalize_group(&mut self, graph: &mut Graph, g: u64) {
+        let ids = self.members(g);
+        let mut prepared = Vec::new();
+        for id in &ids {
+            let Some(k) = self.position(id) else { continue };
+            let job = Arc::clone(&self.entries[k].job);
+            if let Err(e) = self.entries[k].hooks.prepare(graph, &job) {
+                self.entries[k].outcome = Some(Some(e));
+                return self.abort_group(graph, g);
+            }
+            prepared.push(id.clone());
+        }
+        for id in &prepared {
+            if let Some(k) = self.position(id) {
+                self.finish_committed(graph, k);
+            }
+        }
     }
 
     /// Fails (with `error`) or cancels (without) job `i`.
@@ -393,6 +629,8 @@ impl JobManager {
             st.error = Some(error.clone().unwrap_or_else(|| "Operation canceled".into()));
         }
         self.entries[i].hooks.abort(graph, &job);
+        self.release(i);
+        self.entries[i].hooks.clean(graph, &job);
         {
             let st = job.lock();
             match &error {
@@ -400,8 +638,6 @@ impl JobManager {
                 Some(e) => job.emit_block_event(&st, "BLOCK_JOB_COMPLETED", json!({"error": e})),
             }
         }
-        self.release(i);
-        self.entries[i].hooks.clean(graph, &job);
         self.conclude(i);
     }
 

@@ -302,6 +302,10 @@ impl Bdev for MirrorTopBdev {
         "mirror_top"
     }
 
+    fn is_filter(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.source.size()
     }
@@ -873,7 +877,7 @@ impl MirrorHooks {
 /// the way to their old root (a write in flight there would be missed).
 /// If one does not finish in time, or a user cannot move, every user goes
 /// back to `back` (when given) and nothing has changed.
-pub(crate) fn move_users(users: &[Arc<Backend>], to: &Arc<Node>, back: Option<&Arc<Node>>) -> Result<(), String> {
+pub fn move_users(users: &[Arc<Backend>], to: &Arc<Node>, back: Option<&Arc<Node>>) -> Result<(), String> {
     let restore = |moved: &[(Arc<Backend>, u64)]| {
         for (b, _) in moved {
             if let Some(Err(e)) = back.map(|n| b.replace_root(n)) {

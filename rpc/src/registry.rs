@@ -146,7 +146,9 @@ fn qemu_wording(path: &str, msg: &str) -> String {
         return format!("Parameter '{full}' is unexpected");
     }
     if let Some(rest) = msg.strip_prefix("unknown variant `") {
-        return format!("Parameter '{path}' does not accept value '{}'", quoted(rest));
+        // QEMU names the member alone here, not its path.
+        let member = path.rsplit('.').next().unwrap_or(path);
+        return format!("Parameter '{member}' does not accept value '{}'", quoted(rest));
     }
     let (wrong_type, rest) = match (msg.strip_prefix("invalid type: "), msg.strip_prefix("invalid value: ")) {
         (Some(rest), _) => (true, rest),

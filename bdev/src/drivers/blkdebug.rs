@@ -310,7 +310,8 @@ fn parse_rule(value: Value, name: &str) -> Result<Option<Rule>, BdevError> {
     let mut r = outer.object_opt(name)?.ok_or_else(|| outer.missing(name))?;
     let event = r.str_opt("event")?.ok_or_else(|| r.missing("event"))?;
     let Some(&(_, event_target)) = EVENTS.iter().find(|(n, _)| *n == event) else {
-        return Err(BdevError::invalid(format!("Parameter '{name}.event' does not accept value '{event}'")));
+        // QEMU names the member alone for a bad enum value.
+        return Err(BdevError::invalid(format!("Parameter 'event' does not accept value '{event}'")));
     };
     let state = int_opt(&mut r, name, "state")?;
     let iotype = r.enum_opt("iotype", &IOTYPES.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
@@ -359,6 +360,10 @@ fn int_opt(r: &mut OptReader, name: &str, key: &str) -> Result<Option<i64>, Bdev
 impl Bdev for BlkdebugBdev {
     fn driver(&self) -> &'static str {
         "blkdebug"
+    }
+
+    fn is_filter(&self) -> bool {
+        true
     }
 
     fn size(&self) -> u64 {
@@ -464,12 +469,12 @@ mod tests {
     fn mistakes_are_named() {
         assert_eq!(
             rules(json!([{"event": "read_aio"}, {"event": "bogus"}])).unwrap_err(),
-            "Parameter 'inject-error[1].event' does not accept value 'bogus'"
+            "Parameter 'event' does not accept value 'bogus'"
         );
         assert_eq!(rules(json!([{}])).unwrap_err(), "Parameter 'inject-error[0].event' is missing");
         assert_eq!(
             rules(json!([{"event": "none", "iotype": "trim"}])).unwrap_err(),
-            "Parameter 'inject-error[0].iotype' does not accept value 'trim'"
+            "Parameter 'iotype' does not accept value 'trim'"
         );
         assert_eq!(
             rules(json!([{"event": "none", "errno": "EIO"}])).unwrap_err(),

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::jobs::{NewImageMode, create_target, format_of, job_id, speed};
+use super::transaction::{self, Action, Applied};
 use crate::control::{Control, bdev_error, job_error};
 use crate::error::RpcError;
 use crate::registry::decode;
@@ -74,7 +75,7 @@ struct Perf {
 /// The arguments both commands share (QEMU's BackupCommon) and their own.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct BackupParams {
+pub(super) struct BackupParams {
     #[serde(default)]
     job_id: Option<String>,
     device: String,
@@ -235,20 +236,10 @@ fn config(
 }
 
 /// `blockdev-backup`: a point-in-time copy of `device` into the existing
-/// node `target`.
+/// node `target` (a transaction of one action).
 pub(super) fn blockdev_backup(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let p: BackupParams = decode(params)?;
-    if p.format.is_some() || p.mode.is_some() {
-        let k = if p.format.is_some() { "format" } else { "mode" };
-        return Err(RpcError::invalid_params(format!("Parameter '{k}' is unexpected")));
-    }
-    let id = job_id(p.job_id.clone())?;
-    let source = node(ctl, &p.device)?;
-    let copying = bitmap_settings(&source, &p)?;
-    let target = node(ctl, &p.target)?;
-    let cfg = config(id, source, target, p, copying)?;
-    jobs::backup::start(&mut ctl.graph, &mut ctl.jobs, cfg).map_err(job_error)?;
-    Ok(json!({}))
+    transaction::single(ctl, Action::BlockdevBackup(p))
 }
 
 /// `drive-backup`: as `blockdev-backup`, into the file `target`, created
@@ -257,6 +248,37 @@ pub(super) fn blockdev_backup(ctl: &mut Control, params: Option<Value>) -> Resul
 /// is (`existing`). The target is closed when the job ends.
 pub(super) fn drive_backup(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let p: BackupParams = decode(params)?;
+    transaction::single(ctl, Action::DriveBackup(p))
+}
+
+/// The nodes a backup action names (held while a transaction runs).
+pub(super) fn named_nodes(p: &BackupParams) -> Vec<String> {
+    vec![p.device.clone(), p.target.clone()]
+}
+
+/// Undoes a job the transaction under way created.
+fn undo_job(id: String) -> Applied {
+    Applied::undone_by(move |ctl: &mut Control| ctl.jobs.abort_txn_job(&mut ctl.graph, &id))
+}
+
+/// The blockdev-backup action: the job is set up (filter in place, bitmap
+/// frozen) and runs once the transaction commits.
+pub(super) fn blockdev_backup_action(ctl: &mut Control, p: BackupParams) -> Result<Applied, RpcError> {
+    if p.format.is_some() || p.mode.is_some() {
+        let k = if p.format.is_some() { "format" } else { "mode" };
+        return Err(RpcError::invalid_params(format!("Parameter '{k}' is unexpected")));
+    }
+    let id = job_id(p.job_id.clone())?;
+    let source = node(ctl, &p.device)?;
+    let copying = bitmap_settings(&source, &p)?;
+    let target = node(ctl, &p.target)?;
+    let cfg = config(id.clone(), source, target, p, copying)?;
+    jobs::backup::start(&mut ctl.graph, &mut ctl.jobs, cfg).map_err(job_error)?;
+    Ok(undo_job(id))
+}
+
+/// The drive-backup action.
+pub(super) fn drive_backup_action(ctl: &mut Control, p: BackupParams) -> Result<Applied, RpcError> {
     let id = job_id(p.job_id.clone())?;
     ctl.jobs.check_new_id(&id).map_err(job_error)?;
     let source = node(ctl, &p.device)?;
@@ -282,7 +304,7 @@ pub(super) fn drive_backup(ctl: &mut Control, params: Option<Value>) -> Result<V
     }
     let target = ctl.graph.add_implicit(opts).map_err(bdev_error)?;
     let name = target.name().to_string();
-    let mut cfg = match config(id, source, target, p, copying) {
+    let mut cfg = match config(id.clone(), source, target, p, copying) {
         Ok(c) => c,
         Err(e) => {
             let _ = ctl.graph.remove_internal(&name);
@@ -299,5 +321,5 @@ pub(super) fn drive_backup(ctl: &mut Control, params: Option<Value>) -> Result<V
         let _ = ctl.graph.remove_internal(&name);
         return Err(job_error(e));
     }
-    Ok(json!({}))
+    Ok(undo_job(id))
 }

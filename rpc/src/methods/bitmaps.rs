@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::transaction::Applied;
 use crate::control::Control;
 use crate::error::RpcError;
 use crate::registry::decode;
@@ -59,8 +60,8 @@ fn default_granularity(node: &Node) -> u64 {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AddParams {
-    node: String,
+pub(super) struct AddParams {
+    pub(super) node: String,
     name: String,
     #[serde(default)]
     granularity: Option<u32>,
@@ -71,7 +72,31 @@ struct AddParams {
 }
 
 pub(super) fn block_dirty_bitmap_add(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    let p: AddParams = decode(params)?;
+    add(ctl, decode(params)?).map(|a| a.commit(ctl))
+}
+
+pub(super) fn block_dirty_bitmap_remove(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    remove(ctl, decode(params)?).map(|a| a.commit(ctl))
+}
+
+pub(super) fn block_dirty_bitmap_clear(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    clear(ctl, decode(params)?).map(|a| a.commit(ctl))
+}
+
+pub(super) fn block_dirty_bitmap_enable(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    set_recording(ctl, decode(params)?, true).map(|a| a.commit(ctl))
+}
+
+pub(super) fn block_dirty_bitmap_disable(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    set_recording(ctl, decode(params)?, false).map(|a| a.commit(ctl))
+}
+
+pub(super) fn block_dirty_bitmap_merge(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
+    merge(ctl, decode(params)?).map(|a| a.commit(ctl))
+}
+
+/// `block-dirty-bitmap-add`; undone by removing the bitmap.
+pub(super) fn add(ctl: &mut Control, p: AddParams) -> Result<Applied, RpcError> {
     let node = node(ctl, &p.node)?;
     if p.name.is_empty() {
         return Err(RpcError::failed("Bitmap name cannot be empty"));
@@ -95,50 +120,53 @@ pub(super) fn block_dirty_bitmap_add(ctl: &mut Control, params: Option<Value>) -
         )));
     }
     let recording = !p.disabled.unwrap_or(false);
-    node.bitmaps().add(Arc::new(Bitmap::new(Some(p.name), node.size(), granularity, recording)));
-    Ok(json!({}))
+    let b = Arc::new(Bitmap::new(Some(p.name), node.size(), granularity, recording));
+    node.bitmaps().add(Arc::clone(&b));
+    Ok(Applied::undone_by(move |_| node.bitmaps().remove(&b)))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameParams {
-    node: String,
+pub(super) struct NameParams {
+    pub(super) node: String,
     name: String,
 }
 
-pub(super) fn block_dirty_bitmap_remove(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    let p: NameParams = decode(params)?;
+/// `block-dirty-bitmap-remove`: the bitmap is busy until the removal is
+/// final (a second action on it in the same transaction is refused).
+pub(super) fn remove(ctl: &mut Control, p: NameParams) -> Result<Applied, RpcError> {
     let node = node(ctl, &p.node)?;
     let b = find(&node, &p.name)?;
     check(&b, Use::Manage)?;
-    node.bitmaps().remove(&b);
-    Ok(json!({}))
+    b.set_busy(true);
+    let undo = Arc::clone(&b);
+    Ok(Applied::new(
+        move |_| {
+            b.set_busy(false);
+            node.bitmaps().remove(&b);
+        },
+        move |_| undo.set_busy(false),
+    ))
 }
 
-pub(super) fn block_dirty_bitmap_clear(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    let p: NameParams = decode(params)?;
+/// `block-dirty-bitmap-clear`; undone by setting the cleared bits again.
+pub(super) fn clear(ctl: &mut Control, p: NameParams) -> Result<Applied, RpcError> {
     let node = node(ctl, &p.node)?;
     let b = find(&node, &p.name)?;
     check(&b, Use::Modify)?;
+    let before = b.bits().copy();
     b.bits().clear_all();
-    Ok(json!({}))
+    Ok(Applied::undone_by(move |_| b.bits().merge_from(&before)))
 }
 
-pub(super) fn block_dirty_bitmap_enable(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    set_recording(ctl, params, true)
-}
-
-pub(super) fn block_dirty_bitmap_disable(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    set_recording(ctl, params, false)
-}
-
-fn set_recording(ctl: &mut Control, params: Option<Value>, on: bool) -> Result<Value, RpcError> {
-    let p: NameParams = decode(params)?;
+/// `block-dirty-bitmap-enable` / `-disable`; undone by the opposite.
+pub(super) fn set_recording(ctl: &mut Control, p: NameParams, on: bool) -> Result<Applied, RpcError> {
     let node = node(ctl, &p.node)?;
     let b = find(&node, &p.name)?;
     check(&b, Use::Manage)?;
+    let was = b.recording();
     node.bitmaps().set_recording(&b, on);
-    Ok(json!({}))
+    Ok(Applied::undone_by(move |_| node.bitmaps().set_recording(&b, was)))
 }
 
 /// A source of `block-dirty-bitmap-merge`: a bitmap of the target's node
@@ -152,14 +180,15 @@ enum Source {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MergeParams {
-    node: String,
+pub(super) struct MergeParams {
+    pub(super) node: String,
     target: String,
     bitmaps: Vec<Source>,
 }
 
-pub(super) fn block_dirty_bitmap_merge(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
-    let p: MergeParams = decode(params)?;
+/// `block-dirty-bitmap-merge`; undone by putting the target's bits back
+/// (in a transaction nothing writes meanwhile).
+pub(super) fn merge(ctl: &mut Control, p: MergeParams) -> Result<Applied, RpcError> {
     let node = node(ctl, &p.node)?;
     let target = find(&node, &p.target)?;
     check(&target, Use::Modify)?;
@@ -178,10 +207,14 @@ pub(super) fn block_dirty_bitmap_merge(ctl: &mut Control, params: Option<Value>)
         }
         sources.push(b);
     }
+    let before = target.bits().copy();
     for b in sources {
         target.bits().merge_from(b.bits());
     }
-    Ok(json!({}))
+    Ok(Applied::undone_by(move |_| {
+        target.bits().clear_all();
+        target.bits().merge_from(&before);
+    }))
 }
 
 /// `x-debug-block-dirty-bitmap-sha256`: the SHA-256 of the bitmap laid out

@@ -11,6 +11,8 @@ pub(crate) mod nbd;
 pub(crate) mod objects;
 mod perf;
 pub mod qemu_io;
+mod snapshot;
+mod transaction;
 
 use crate::control::Control;
 use crate::registry::Registry;
@@ -78,6 +80,13 @@ pub fn registry() -> Registry<Control> {
     r.add("blockdev-mirror", "Mirror a node into an existing node", jobs::blockdev_mirror);
     r.add("blockdev-backup", "Copy a node as it is now into an existing node", backup::blockdev_backup);
     r.add("drive-backup", "Copy a node as it is now into a new (or existing) image file", backup::drive_backup);
+    r.add("blockdev-snapshot", "Put an existing overlay node on top of a running node", snapshot::blockdev_snapshot);
+    r.add(
+        "blockdev-snapshot-sync",
+        "Create a qcow2 overlay file and put it on top of a running node",
+        snapshot::blockdev_snapshot_sync,
+    );
+    r.add("transaction", "Apply several actions at one instant, or none", transaction::transaction);
     r.add("drive-mirror", "Mirror a node into a new (or existing) image file", jobs::drive_mirror);
     r.add("block-commit", "Merge a chain's layers down into a lower one", jobs::block_commit);
     r.add("block-stream", "Pull backing data up into an image", jobs::block_stream);

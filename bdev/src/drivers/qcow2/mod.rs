@@ -464,6 +464,10 @@ impl Bdev for Qcow2Bdev {
         }
     }
 
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
     fn change_backing(
         &self,
         backing: Option<&Arc<Node>>,
@@ -490,6 +494,25 @@ impl Bdev for Qcow2Bdev {
                     what: "writing the new backing file name into the qcow2 header".into(),
                     source,
                 })
+            })
+            .wait()
+            .map_err(|_| BdevError::ReactorGone)??;
+        *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = backing.cloned();
+        Ok(())
+    }
+
+    fn attach_backing(&self, backing: Option<&Arc<Node>>) -> Result<(), BdevError> {
+        let id = self.id;
+        let new = backing.cloned();
+        self.current_home()
+            .run(move || async move {
+                let state = image(id).ok_or(BdevError::ReactorGone)?;
+                let backing = match &new {
+                    Some(b) => Some(Backing { ch: b.channel()?, size: b.size() }),
+                    None => None,
+                };
+                state.attach_backing(backing);
+                Ok::<(), BdevError>(())
             })
             .wait()
             .map_err(|_| BdevError::ReactorGone)??;

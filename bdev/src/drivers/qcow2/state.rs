@@ -299,6 +299,13 @@ impl Qcow2 {
         self.backing.borrow().is_some()
     }
 
+    /// Reads unallocated clusters from `backing` from now on, leaving the
+    /// header as it is (an overlay put on top of a running disk, whose file
+    /// already names it or gets named later).
+    pub(super) fn attach_backing(&self, backing: Option<Backing>) {
+        *self.backing.borrow_mut() = backing.map(Rc::new);
+    }
+
     /// Reads unallocated clusters from `backing` from now on and records
     /// it in the header (`name`, `format`). Requests already reading the
     /// old backing finish there: callers switch only between chains that
