@@ -2,15 +2,24 @@
 //! QEMU reads and writes it (docs/interop/qcow2.rst).
 //!
 //! ```text
-//!   header.rs  the header and its extensions (parse, validate, serialise)
-//!   entry.rs   L1/L2 entries, compressed clusters, refcount widths
-//!   cache.rs   LRU caches for L2 tables and refcount blocks
-//!   state.rs   the open image on its home reactor: request paths,
-//!              allocation, write-back order (see its crash-ordering notes),
-//!              corruption (fencing, the corrupt bit, the event)
-//!   overlap.rs where metadata lies: every write is checked against it
-//!   snapshot.rs the internal snapshot table (kept, read for its extent)
-//!   rebuild.rs refcounts recomputed for images left dirty
+//!   header.rs    the header and its extensions (parse, validate, serialise)
+//!   entry.rs     L1/L2 entries, compressed clusters, refcount widths
+//!   cache.rs     LRU caches for L2 tables and refcount blocks
+//!   state.rs     the open image on its home reactor: the state the parts
+//!                below share, and opening it
+//!   mapping.rs   L1/L2 lookups, the L2 cache's use, entry checks
+//!   refcount.rs  the refcount table and blocks: get, update, write back
+//!   alloc.rs     the allocator, new refcount blocks, a grown refcount
+//!                table, growing the file ahead
+//!   writeback.rs flushes: the order metadata reaches the file in (the
+//!                crash-ordering rules), dropped references
+//!   request.rs   read, write, write-zeroes, discard, block status; the
+//!                fast path
+//!   corrupt.rs   corruption: fencing, the corrupt bit, the event
+//!   overlap.rs   where metadata lies: every write is checked against it
+//!   snapshot.rs  the internal snapshot table (kept, read for its extent)
+//!   rebuild.rs   refcounts recomputed for images left dirty
+//!   create.rs    a new, empty image
 //! ```
 //!
 //! The image's state lives on its home reactor (the main reactor); other
@@ -18,14 +27,20 @@
 //! itself from the header's backing file name unless `backing` says
 //! otherwise.
 
+mod alloc;
 mod cache;
+mod corrupt;
 pub mod create;
 pub mod entry;
 pub mod header;
+mod mapping;
 pub mod overlap;
 mod rebuild;
+mod refcount;
+mod request;
 mod snapshot;
 mod state;
+mod writeback;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

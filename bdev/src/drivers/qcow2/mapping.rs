@@ -1,0 +1,147 @@
+//! Guest clusters to host clusters: L1 lookups, the L2 table cache (loading,
+//! making room), entry decoding with its checks (an entry pointing at the
+//! header or past the end of the file is corruption), and making an L2
+//! table writable (a new one, or a copy of one shared with a snapshot).
+
+use reactor::IoBuf;
+
+use super::entry::{self, COPIED, Cluster};
+use super::overlap::kind;
+use super::state::{Qcow2, decode_be64, encode_be64};
+use crate::error::IoError;
+
+impl Qcow2 {
+    /// The L1 entry for guest cluster `c`: (L1 index, L2 table offset, COPIED).
+    pub(super) fn l1_lookup(&self, c: u64) -> Result<(usize, u64, bool), IoError> {
+        let i = (c / self.geo.l2_entries) as usize;
+        let e = *self
+            .l1
+            .borrow()
+            .get(i)
+            .ok_or_else(|| self.corrupt(format!("guest cluster {c} lies beyond the L1 table")))?;
+        let (off, copied) = entry::decode_l1(e, self.geo.cluster_bits).map_err(|x| self.corrupt(x.0))?;
+        if off != 0 {
+            self.check_metadata_offset(off)?;
+        }
+        Ok((i, off, copied))
+    }
+
+    /// A cluster a table points at must lie past the header and inside the file.
+    fn check_cluster(&self, what: &str, off: u64) -> Result<(), IoError> {
+        if off < self.geo.cluster_size {
+            return Err(self.corrupt(format!("{what} at {off:#x} overlaps the header")));
+        }
+        if off + self.geo.cluster_size > self.file_end.get() {
+            return Err(self.corrupt(format!("{what} at {off:#x} lies beyond the end of the file")));
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_metadata_offset(&self, off: u64) -> Result<(), IoError> {
+        self.check_cluster("metadata table", off)
+    }
+
+    pub(super) fn decode(&self, e: u64) -> Result<Cluster, IoError> {
+        let cl = entry::decode_l2(e, self.geo.cluster_bits, self.geo.version).map_err(|x| self.corrupt(x.0))?;
+        match cl {
+            Cluster::Data { host, .. } | Cluster::Zero { host: Some(host), .. } => {
+                self.check_cluster("data cluster", host)?
+            }
+            Cluster::Compressed { offset, len } if offset.saturating_add(len) > self.file_end.get() + 512 => {
+                return Err(self.corrupt(format!("compressed data at {offset:#x} lies beyond the end of the file")));
+            }
+            _ => {}
+        }
+        Ok(cl)
+    }
+
+    /// Fast path: the mapping of cluster `c` if its L2 table is cached.
+    pub(super) fn cached_cluster(&self, c: u64) -> Option<Result<Cluster, IoError>> {
+        let (_, off, _) = match self.l1_lookup(c) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        if off == 0 {
+            return Some(Ok(Cluster::Unallocated));
+        }
+        let e = self.l2.borrow_mut().get(off)?[(c % self.geo.l2_entries) as usize];
+        Some(self.decode(e))
+    }
+
+    /// Loads an L2 table into the cache. Lock held.
+    pub(super) async fn load_l2(&self, off: u64) -> Result<(), IoError> {
+        if self.l2.borrow().contains(off) {
+            return Ok(());
+        }
+        self.make_room_l2().await?;
+        let buf = self.file.read(off, self.geo.cluster_size as usize).await?;
+        self.l2.borrow_mut().insert(off, decode_be64(&buf), false);
+        Ok(())
+    }
+
+    async fn make_room_l2(&self) -> Result<(), IoError> {
+        while self.l2.borrow().is_full() {
+            if self.l2.borrow_mut().evict_clean() {
+                return Ok(());
+            }
+            // Every cached table is dirty: write them back, then evict.
+            self.flush_metadata_locked().await?;
+        }
+        Ok(())
+    }
+
+    /// The mapping of guest cluster `c`, loading its table. Lock held.
+    pub(super) async fn cluster(&self, c: u64) -> Result<Cluster, IoError> {
+        let (_, off, _) = self.l1_lookup(c)?;
+        if off == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        self.load_l2(off).await?;
+        let e = self.l2.borrow_mut().get(off).expect("table just loaded")[(c % self.geo.l2_entries) as usize];
+        self.decode(e)
+    }
+
+    /// The L2 table covering cluster `c`, allocated (or copied, if shared
+    /// with a snapshot) so it can be written. Lock held.
+    pub(super) async fn writable_l2(&self, c: u64) -> Result<u64, IoError> {
+        let (i, off, copied) = self.l1_lookup(c)?;
+        if off != 0 && copied {
+            self.load_l2(off).await?;
+            return Ok(off);
+        }
+        let entries = if off == 0 {
+            vec![0u64; self.geo.l2_entries as usize]
+        } else {
+            self.load_l2(off).await?;
+            self.l2.borrow().peek(off).expect("table just loaded").clone()
+        };
+        let new = self.alloc_clusters(1).await?;
+        // Ordering rule 5: table and its refcount durable before the L1 entry.
+        self.write_dirty_blocks().await?;
+        self.write_checked(new, encode_be64(&entries), kind::ACTIVE_L2).await?;
+        self.file.flush().await?;
+        self.l1.borrow_mut()[i] = new | COPIED;
+        {
+            let mut o = self.overlaps.borrow_mut();
+            o.add_cluster(kind::ACTIVE_L2, new);
+            if off != 0 {
+                o.remove_cluster(kind::ACTIVE_L2, off);
+            }
+        }
+        self.write_l1_entry(i).await?;
+        self.make_room_l2().await?;
+        self.l2.borrow_mut().insert(new, entries, false);
+        if off != 0 {
+            // The shared table now belongs to the snapshots only.
+            self.l2.borrow_mut().remove(off);
+            self.pending_frees.borrow_mut().push(off);
+        }
+        Ok(new)
+    }
+
+    async fn write_l1_entry(&self, i: usize) -> Result<(), IoError> {
+        let e = self.l1.borrow()[i];
+        let off = self.header.borrow().l1_table_offset + i as u64 * 8;
+        self.write_checked(off, IoBuf::from_slice(&e.to_be_bytes()), kind::ACTIVE_L1).await
+    }
+}
