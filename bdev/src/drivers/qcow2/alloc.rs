@@ -228,3 +228,67 @@ impl Qcow2 {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{KIB, MIB, assert_clean, caches, new_disk, open, pattern, read, run, write};
+    use super::*;
+    use crate::bdev::Bdev;
+
+    #[test]
+    fn runs_are_contiguous_and_counted() {
+        let disk = new_disk(4 * MIB, 64 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let _g = o.q.lock.lock().await;
+            let cs = o.q.geo.cluster_size;
+            let a = o.q.alloc_clusters(3).await.unwrap();
+            assert_eq!(a, 4 * cs, "right after the header, tables and L1");
+            let b = o.q.alloc_clusters(1).await.unwrap();
+            assert_eq!(b, a + 3 * cs);
+            for c in 4..8 {
+                assert_eq!(o.q.refcount(c).await, Ok(1));
+            }
+            assert_eq!(o.q.file_end(), 8 * cs);
+        });
+    }
+
+    #[test]
+    fn new_refcount_blocks_and_a_grown_table_cover_everything_allocated() {
+        // 512-byte clusters, 64-bit refcounts: a block covers 32 KiB of file
+        // and the one-cluster table 2 MiB, so 3 MiB of data grows it.
+        let disk = new_disk(4 * MIB, 512, 6);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(16, 4)).await;
+            let old_table = o.q.header.borrow().refcount_table_offset;
+            for k in 0..48u64 {
+                write(&o.ch, k * 64 * KIB, &pattern(k * 64 * KIB, 64 * KIB as usize, 3)).await;
+            }
+            o.q.flush().await.unwrap();
+            let h = o.q.header.borrow().clone();
+            assert_ne!(h.refcount_table_offset, old_table, "the table moved");
+            assert!(h.refcount_table_clusters > 1);
+            for k in (0..48u64).step_by(7) {
+                assert_eq!(read(&o.ch, k * 64 * KIB, 4096).await, pattern(k * 64 * KIB, 4096, 3));
+            }
+        });
+        assert_clean(&disk.contents(), "after growing the refcount table");
+    }
+
+    #[test]
+    fn the_file_grows_ahead_where_asked_and_the_tail_stays_free() {
+        let disk = new_disk(64 * MIB, 64 * KIB, 4);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(8, 4)).await;
+            o.q.grown_to.set(d.size());
+            write(&o.ch, 0, &pattern(0, 4096, 1)).await;
+            // An L2 table and a data cluster after the four of a new image.
+            assert_eq!(o.q.file_end(), 6 * 64 * KIB, "allocation knows where its clusters end");
+            assert_eq!(d.size(), 2 * GROW_AHEAD_BYTES, "grown a whole step past the end, in steps");
+            o.q.flush().await.unwrap();
+        });
+        assert_clean(&disk.contents(), "a grown file");
+    }
+}

@@ -118,3 +118,63 @@ impl Qcow2 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::entry;
+    use super::super::header::Header;
+    use super::super::testing::{KIB, MIB, caches, new_disk, open, pattern, read, run, write};
+    use super::*;
+
+    #[test]
+    fn a_write_onto_metadata_is_refused_and_fences_the_image() {
+        let disk = new_disk(4 * MIB, 64 * KIB, 4);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(8, 4)).await;
+            let cs = 64 * KIB;
+            write(&o.ch, 0, &pattern(0, 2 * cs as usize, 1)).await;
+            o.q.flush().await.unwrap();
+            // Guest cluster 1 now claims the refcount block's cluster.
+            let (_, table, _) = o.q.l1_lookup(1).unwrap();
+            let bogus = entry::data_entry(2 * cs);
+            d.channel().write(table + 8, IoBuf::from_slice(&bogus.to_be_bytes()), IoFlags::NONE).await.1.unwrap();
+
+            let o = open(&d, caches(8, 4)).await;
+            assert_eq!(o.ch.write(cs, IoBuf::from_slice(&[7; 512]), IoFlags::NONE).await.1, Err(IoError::Io));
+            assert!(o.q.fenced());
+            assert_eq!(o.ch.write(0, IoBuf::from_slice(&[7; 512]), IoFlags::NONE).await.1, Err(IoError::Io), "fenced");
+            assert_eq!(read(&o.ch, 0, 512).await, pattern(0, 512, 1), "reads go on");
+            let events = o.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1, "one event: {events:?}");
+            let e = &events[0].1;
+            assert_eq!(e["msg"], "Preventing invalid write on metadata (overlaps with refcount block)");
+            assert_eq!(
+                (e["offset"].as_u64(), e["size"].as_u64(), e["fatal"].as_bool()),
+                (Some(2 * cs), Some(512), Some(true))
+            );
+            // The corrupt bit reaches the header.
+            for _ in 0..100 {
+                reactor::yield_now().await;
+            }
+            let head = d.channel().read(0, 4096).await.unwrap();
+            let h = Header::parse(&head).unwrap();
+            assert_ne!(h.incompatible & incompat::CORRUPT, 0);
+        });
+    }
+
+    #[test]
+    fn a_table_ignores_its_own_kind() {
+        let disk = new_disk(4 * MIB, 64 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let cs = 64 * KIB;
+            assert_eq!(o.q.check_write(2 * cs, 8, kind::REFCOUNT_BLOCK), Ok(()));
+            assert_eq!(o.q.check_write(3 * cs, 8, kind::ACTIVE_L1), Ok(()));
+            assert_eq!(o.q.check_write(4 * cs, cs, 0), Ok(()), "past the metadata");
+            assert!(!o.q.fenced());
+            assert_eq!(o.q.check_write(0, 8, kind::ACTIVE_L1), Err(IoError::Io));
+            assert!(o.q.fenced());
+        });
+    }
+}

@@ -145,3 +145,97 @@ impl Qcow2 {
         self.write_checked(off, IoBuf::from_slice(&e.to_be_bytes()), kind::ACTIVE_L1).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{KIB, MIB, assert_consistent, caches, new_disk, open, pattern, read, run, write};
+    use super::*;
+    use crate::drivers::sim::Keep;
+    use crate::io::IoFlags;
+
+    #[test]
+    fn lookups_follow_l1_then_the_cached_l2_table() {
+        let disk = new_disk(4 * MIB, 4 * KIB, 4);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(8, 4)).await;
+            let g = o.q.geo;
+            assert_eq!(o.q.cached_cluster(3), Some(Ok(Cluster::Unallocated)), "no L2 table yet");
+            write(&o.ch, 3 * g.cluster_size, &pattern(0, 4096, 1)).await;
+            let (i, table, copied) = o.q.l1_lookup(3).unwrap();
+            assert_eq!((i, copied), (0, true));
+            let Some(Ok(Cluster::Data { host, copied: true })) = o.q.cached_cluster(3) else {
+                panic!("cluster 3 is mapped in the cached table");
+            };
+            assert!(host > table, "the data comes after its table");
+            assert_eq!(o.q.cached_cluster(4), Some(Ok(Cluster::Unallocated)));
+            o.q.flush().await.unwrap();
+
+            // A second open starts with nothing cached and loads on demand.
+            let o = open(&d, caches(8, 4)).await;
+            assert_eq!(o.q.cached_cluster(3), None);
+            let _g = o.q.lock.lock().await;
+            assert_eq!(o.q.cluster(3).await, Ok(Cluster::Data { host, copied: true }));
+            assert!(o.q.cached_cluster(3).is_some());
+        });
+    }
+
+    #[test]
+    fn a_new_table_is_entered_in_l1_and_written_before_the_entry() {
+        // 4 KiB clusters: one L2 table maps 2 MiB.
+        let disk = new_disk(8 * MIB, 4 * KIB, 4);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(8, 4)).await;
+            write(&o.ch, 5 * MIB, &pattern(5 * MIB, 512, 2)).await;
+            let (i, table, _) = o.q.l1_lookup((5 * MIB) >> 12).unwrap();
+            assert_eq!(i, 2);
+            o.q.flush().await.unwrap();
+            let l1 = o.q.header.borrow().l1_table_offset;
+            let on_disk = d.channel().read(l1 + 16, 8).await.unwrap();
+            assert_eq!(u64::from_be_bytes(on_disk[..8].try_into().unwrap()), table | COPIED);
+        });
+        // Whatever a crash keeps, the L1 entry never points at a table not written.
+        for seed in 0..16 {
+            assert_consistent(&disk.crash_image(Keep::Random(seed)), "a crash");
+        }
+    }
+
+    #[test]
+    fn a_small_l2_cache_evicts_and_reloads() {
+        // 512-byte clusters: one L2 table maps 32 KiB; two tables cached.
+        let disk = new_disk(MIB, 512, 4);
+        run(async move {
+            let o = open(&disk, caches(2, 4)).await;
+            for k in 0..8u64 {
+                write(&o.ch, k * 32 * KIB + 512, &pattern(k, 512, k as u8)).await;
+            }
+            for k in (0..8u64).rev() {
+                assert_eq!(read(&o.ch, k * 32 * KIB + 512, 512).await, pattern(k, 512, k as u8));
+                assert_eq!(read(&o.ch, k * 32 * KIB, 512).await, vec![0; 512]);
+            }
+        });
+    }
+
+    #[test]
+    fn an_entry_pointing_past_the_end_of_the_file_is_corruption() {
+        let disk = new_disk(4 * MIB, 4 * KIB, 4);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(8, 4)).await;
+            write(&o.ch, 0, &pattern(0, 4096, 1)).await;
+            o.q.flush().await.unwrap();
+            let (_, table, _) = o.q.l1_lookup(0).unwrap();
+            let bogus = entry::data_entry(1 << 30);
+            d.channel().write(table, IoBuf::from_slice(&bogus.to_be_bytes()), IoFlags::NONE).await.1.unwrap();
+
+            let o = open(&d, caches(8, 4)).await;
+            assert_eq!(o.ch.read(0, 4096).await.err(), Some(IoError::Io));
+            assert!(o.q.fenced(), "a writable image is fenced");
+            let events = o.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].0, "BLOCK_IMAGE_CORRUPTED");
+            assert!(events[0].1["msg"].as_str().unwrap().contains("beyond the end of the file"), "{events:?}");
+        });
+    }
+}

@@ -40,6 +40,8 @@ mod refcount;
 mod request;
 mod snapshot;
 mod state;
+#[cfg(test)]
+mod testing;
 mod writeback;
 
 use std::cell::RefCell;
@@ -273,8 +275,11 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
 }
 
 async fn read_header(file: &Node, file_size: u64) -> Result<Header, BdevError> {
+    read_header_from(&file_channel(file)?, file_size).await
+}
+
+async fn read_header_from(ch: &BlockChannel, file_size: u64) -> Result<Header, BdevError> {
     let io_err = |source: IoError| BdevError::Io { what: "reading the qcow2 header".into(), source };
-    let ch = file_channel(file)?;
     if file_size < header::V2_HEADER_BYTES as u64 {
         return Err(BdevError::invalid("qcow2: Image is not in qcow2 format"));
     }

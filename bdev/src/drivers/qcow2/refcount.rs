@@ -95,3 +95,100 @@ impl Qcow2 {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{KIB, MIB, caches, new_disk, open, run};
+    use super::*;
+
+    #[test]
+    fn a_new_image_counts_its_own_metadata() {
+        let disk = new_disk(4 * MIB, 64 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let _g = o.q.lock.lock().await;
+            // Header, refcount table, refcount block, L1 table.
+            for c in 0..4 {
+                assert_eq!(o.q.refcount(c).await, Ok(1), "cluster {c}");
+            }
+            assert_eq!(o.q.refcount(4).await, Ok(0));
+            let pb = o.q.geo.per_block();
+            assert_eq!(o.q.block_offset(1), Ok(None));
+            assert_eq!(o.q.refcount(pb + 3).await, Ok(0), "no block: refcount 0");
+            assert!(o.q.update_refcount(pb + 3, 1).await.is_err(), "no block to count in");
+        });
+    }
+
+    #[test]
+    fn every_width_counts_up_to_its_maximum_and_is_written_back() {
+        for order in 0..=6 {
+            let disk = new_disk(MIB, 4 * KIB, order);
+            let d = disk.clone();
+            run(async move {
+                let o = open(&d, caches(8, 4)).await;
+                let _g = o.q.lock.lock().await;
+                let max = refcount::max(order);
+                let steps = max.min(3);
+                for _ in 0..steps {
+                    o.q.update_refcount(9, 1).await.unwrap();
+                }
+                assert_eq!(o.q.refcount(9).await, Ok(steps));
+                assert_eq!(o.q.refcount(8).await, Ok(0), "the neighbour is untouched (order {order})");
+                assert_eq!(o.q.refcount(10).await, Ok(0));
+                if max == 1 {
+                    assert_eq!(o.q.update_refcount(9, 1).await, Err(IoError::Io), "1-bit refcounts overflow");
+                    assert!(!o.q.fenced(), "an overflow is not corruption");
+                }
+                o.q.write_dirty_blocks().await.unwrap();
+                let block = o.q.block_offset(0).unwrap().unwrap();
+                let on_disk = d.channel().read(block, o.q.geo.cluster_size as usize).await.unwrap();
+                assert_eq!(refcount::get(&on_disk, order, 9), steps, "order {order}");
+            });
+        }
+    }
+
+    #[test]
+    fn a_refcount_below_zero_is_corruption() {
+        let disk = new_disk(MIB, 4 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let _g = o.q.lock.lock().await;
+            assert_eq!(o.q.update_refcount(20, -1).await, Err(IoError::Io));
+            assert!(o.q.fenced());
+            let events = o.events.lock().unwrap().clone();
+            assert!(events[0].1["msg"].as_str().unwrap().contains("below zero"), "{events:?}");
+        });
+    }
+
+    #[test]
+    fn a_table_entry_that_is_not_a_cluster_is_corruption() {
+        let disk = new_disk(MIB, 4 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            o.q.rc.borrow_mut().table[1] = 5 * 4096 + 512;
+            assert_eq!(o.q.block_offset(1), Err(IoError::Io));
+            assert!(o.q.fenced());
+        });
+    }
+
+    #[test]
+    fn a_full_cache_writes_dirty_blocks_before_evicting() {
+        // 512-byte clusters with 64-bit refcounts: a block covers 64 clusters.
+        let disk = new_disk(MIB, 512, 6);
+        let d = disk.clone();
+        run(async move {
+            let o = open(&d, caches(4, 1)).await;
+            let _g = o.q.lock.lock().await;
+            let pb = o.q.geo.per_block();
+            // Enough allocations for several blocks; one block cached.
+            let first = o.q.alloc_clusters(3 * pb).await.unwrap() >> 9;
+            for c in [first, first + pb, first + 2 * pb, first] {
+                o.q.update_refcount(c, 1).await.unwrap();
+            }
+            for c in [first, first + pb, first + 2 * pb] {
+                let want = if c == first { 3 } else { 2 };
+                assert_eq!(o.q.refcount(c).await, Ok(want), "cluster {c}");
+            }
+        });
+    }
+}

@@ -550,3 +550,121 @@ impl IoDone for Qcow2 {
         done.complete(io, res);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{
+        KIB, MIB, Op, Rng, assert_consistent, caches, new_disk, open, pattern, read, run, write,
+    };
+    use super::*;
+
+    #[test]
+    fn requests_read_back_as_a_flat_model_across_reopens() {
+        for (cluster, seed) in [(512u64, 11u64), (4 * KIB, 12), (64 * KIB, 13)] {
+            let size = 2 * MIB;
+            let disk = new_disk(size, cluster, 4);
+            let d = disk.clone();
+            run(async move {
+                let mut flat = vec![0u8; size as usize];
+                let mut r = Rng(seed);
+                let mut o = open(&d, caches(4, 2)).await;
+                for step in 0..150 {
+                    let op = Op::random(&mut r, size, cluster, 3 * cluster / 512, step);
+                    op.apply(&o.ch).await;
+                    op.model(&mut flat, cluster);
+                    let (at, len) = (r.below(size - 8192), 1 + r.below(8192));
+                    let got = read(&o.ch, at, len as usize).await;
+                    let want = &flat[at as usize..(at + len) as usize];
+                    if got != want {
+                        let first = (0..len as usize).find(|&i| got[i] != want[i]).unwrap();
+                        panic!(
+                            "cluster {cluster}, step {step} after {op:?}: read {at:#x}+{len:#x} differs from {:#x} on",
+                            at + first as u64
+                        );
+                    }
+                    if step % 50 == 49 {
+                        o.q.flush().await.unwrap();
+                        o = open(&d, caches(4, 2)).await;
+                    }
+                }
+                o.q.flush().await.unwrap();
+                assert!(read(&o.ch, 0, size as usize).await == flat, "cluster {cluster}: the whole disk");
+            });
+            assert_consistent(&disk.contents(), "after the workload");
+        }
+    }
+
+    #[test]
+    fn an_overwrite_of_a_cached_cluster_takes_the_fast_path() {
+        let disk = new_disk(4 * MIB, 64 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            write(&o.ch, 0, &pattern(0, 8192, 1)).await;
+            // With the metadata lock held, only the fast path can finish.
+            let guard = o.q.lock.lock().await;
+            write(&o.ch, 4096, &pattern(4096, 4096, 2)).await;
+            assert_eq!(read(&o.ch, 0, 4096).await, pattern(0, 4096, 1));
+            drop(guard);
+            assert_eq!(read(&o.ch, 4096, 4096).await, pattern(4096, 4096, 2));
+            // A write to an unallocated cluster cannot.
+            let guard = o.q.lock.lock().await;
+            let ch = o.ch.clone();
+            let slow = reactor::spawn_local(async move { write(&ch, MIB, &pattern(MIB, 512, 3)).await });
+            for _ in 0..10 {
+                reactor::yield_now().await;
+            }
+            assert!(!slow.is_finished(), "an allocating write waits for the metadata lock");
+            drop(guard);
+            slow.await;
+        });
+    }
+
+    #[test]
+    fn zeroes_and_discards_map_clusters_as_qemu_does() {
+        let disk = new_disk(4 * MIB, 64 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let cs = 64 * KIB;
+            write(&o.ch, 0, &pattern(0, 4 * cs as usize, 1)).await;
+            let host = |c: u64| {
+                let q = Rc::clone(&o.q);
+                async move {
+                    let _g = q.lock.lock().await;
+                    q.cluster(c).await.unwrap()
+                }
+            };
+            let Cluster::Data { host: h1, .. } = host(1).await else { panic!("cluster 1 holds data") };
+            o.ch.write_zeroes(cs, cs, IoFlags::NONE).await.unwrap();
+            assert_eq!(host(1).await, Cluster::Zero { host: Some(h1), copied: true }, "zeroing keeps the cluster");
+            o.ch.write_zeroes(2 * cs, cs, IoFlags::MAY_UNMAP).await.unwrap();
+            assert_eq!(host(2).await, Cluster::Zero { host: None, copied: false }, "MAY_UNMAP drops it");
+            o.ch.discard(3 * cs, cs).await.unwrap();
+            assert_eq!(host(3).await, Cluster::Zero { host: None, copied: false });
+            o.ch.discard(10 * cs, cs).await.unwrap();
+            assert_eq!(host(10).await, Cluster::Unallocated, "nothing to discard, nothing changes");
+            // A partial cluster is written as zeroes.
+            o.ch.write_zeroes(512, 512, IoFlags::MAY_UNMAP).await.unwrap();
+            assert!(matches!(host(0).await, Cluster::Data { .. }));
+            assert_eq!(read(&o.ch, 0, 1536).await[512..1024], [0u8; 512]);
+            assert_eq!(read(&o.ch, cs, 3 * cs as usize).await, vec![0u8; 3 * cs as usize]);
+        });
+    }
+
+    #[test]
+    fn block_status_reports_runs_of_one_kind() {
+        let disk = new_disk(8 * MIB, 64 * KIB, 4);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let cs = 64 * KIB;
+            write(&o.ch, 0, &pattern(0, 2 * cs as usize, 1)).await;
+            o.ch.write_zeroes(2 * cs, 2 * cs, IoFlags::MAY_UNMAP).await.unwrap();
+            let st = Rc::clone(&o.q).block_status(0, 8 * MIB).await.unwrap();
+            assert!(st.data && st.allocated && st.len == 2 * cs, "{st:?}");
+            assert!(st.offset.is_some());
+            let st = Rc::clone(&o.q).block_status(2 * cs, 8 * MIB - 2 * cs).await.unwrap();
+            assert!(st.zero && st.allocated && !st.data && st.len == 2 * cs, "{st:?}");
+            let st = Rc::clone(&o.q).block_status(4 * cs, 8 * MIB - 4 * cs).await.unwrap();
+            assert_eq!(st, BlockStatus::unallocated(8 * MIB - 4 * cs), "the rest, one step");
+        });
+    }
+}

@@ -261,3 +261,35 @@ impl Qcow2 {
         self.file_end.get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::super::testing::{KIB, caches, open, read, run};
+    use crate::drivers::sim::SimDisk;
+
+    #[test]
+    fn an_image_qemu_made_opens_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.qcow2");
+        let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
+        ok(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=8"])
+            .arg(&path)
+            .arg("8M"));
+        ok(Command::new("qemu-io").args(["-c", "write -P 0xab 12k 20k", "-c", "write -z 64k 64k"]).arg(&path));
+        let disk = SimDisk::new(std::fs::read(&path).unwrap(), 1);
+        run(async move {
+            let o = open(&disk, caches(8, 4)).await;
+            let g = o.q.geo;
+            assert_eq!((g.cluster_size, g.refcount_order, g.version), (4 * KIB, 3, 3));
+            assert_eq!(o.q.l1_entries().len(), 4, "8 MiB in 2 MiB tables");
+            assert_eq!(o.q.file_end() % g.cluster_size, 0);
+            let got = read(&o.ch, 8 * KIB, 32 * KIB as usize).await;
+            assert!(got[..4096].iter().all(|&b| b == 0));
+            assert!(got[4096..24 * 1024].iter().all(|&b| b == 0xab));
+            assert!(got[24 * 1024..].iter().all(|&b| b == 0));
+        });
+    }
+}
