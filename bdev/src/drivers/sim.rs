@@ -369,10 +369,13 @@ impl Sim {
 impl SimDisk {
     /// A disk holding `contents`, all of it durable.
     pub fn new(contents: Vec<u8>, seed: u64) -> Arc<SimDisk> {
-        SimDisk::with(contents, seed, BLOCK_SIZE_DEFAULT as u32, false)
+        SimDisk::with_options(contents, seed, BLOCK_SIZE_DEFAULT as u32, false)
     }
 
-    fn with(contents: Vec<u8>, seed: u64, block_size: u32, reorder: bool) -> Arc<SimDisk> {
+    /// A disk asking `block_size` alignment of its users, completing each
+    /// poll's requests in an order drawn from `seed` if `reorder`.
+    pub fn with_options(contents: Vec<u8>, seed: u64, block_size: u32, reorder: bool) -> Arc<SimDisk> {
+        assert!(block_size.is_power_of_two());
         let sim = Sim { durable: contents.clone(), data: contents, ..Sim::default() };
         Arc::new(SimDisk { sim: Mutex::new(sim), block_size, seed, reorder })
     }
@@ -479,7 +482,7 @@ pub fn open(_ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>
         None => {
             let size = size.unwrap_or(0);
             let len = usize::try_from(size).map_err(|_| BdevError::invalid(format!("size {size} is too large")))?;
-            SimDisk::with(vec![0; len], seed, block_size as u32, reorder)
+            SimDisk::with_options(vec![0; len], seed, block_size as u32, reorder)
         }
     };
     Ok(disk)
@@ -745,7 +748,7 @@ mod tests {
     #[test]
     fn reordering_is_seeded() {
         let order = |seed: u64| {
-            let disk = SimDisk::with(vec![0; 4096], seed, 512, true);
+            let disk = SimDisk::with_options(vec![0; 4096], seed, 512, true);
             let d = Arc::clone(&disk);
             run(async move {
                 let ch = d.channel();
