@@ -112,25 +112,24 @@ impl Qcow2 {
             refcount::set(&mut block, self.geo.refcount_order, (p % pb) as usize, 1);
         } else {
             self.update_refcount(p, 1).await?;
-            self.write_dirty_blocks().await?;
         }
-        let off = p << self.geo.cluster_bits;
-        // Ordering rule 6: the block and its own refcount are durable
-        // before the table points at it.
-        self.write_checked(off, IoBuf::from_slice(&block), kind::REFCOUNT_BLOCK).await?;
-        self.file.flush().await?;
-        self.rc.borrow_mut().table[t as usize] = off;
-        self.overlaps.borrow_mut().add_cluster(kind::REFCOUNT_BLOCK, off);
-        let entry_off = self.header.borrow().refcount_table_offset + t * 8;
-        self.write_checked(entry_off, IoBuf::from_slice(&off.to_be_bytes()), kind::REFCOUNT_TABLE).await?;
         while self.blocks.borrow().is_full() && !self.blocks.borrow_mut().evict_clean() {
             self.write_dirty_blocks().await?;
         }
-        self.blocks.borrow_mut().insert(off, block, false);
-        self.rc.borrow_mut().free_search = p + 1;
+        let off = p << self.geo.cluster_bits;
         if off + self.geo.cluster_size > self.file_end.get() {
             self.file_end.set(off + self.geo.cluster_size);
         }
+        // Ordering rule 6: the block (dirty in the cache) reaches the file
+        // and a flush before the table entry pointing at it is written.
+        self.blocks.borrow_mut().insert(off, block, true);
+        {
+            let mut rc = self.rc.borrow_mut();
+            rc.table[t as usize] = off;
+            rc.dirty.insert(t);
+            rc.free_search = p + 1;
+        }
+        self.overlaps.borrow_mut().add_cluster(kind::REFCOUNT_BLOCK, off);
         Ok(())
     }
 
@@ -205,7 +204,13 @@ impl Qcow2 {
         };
         self.write_header().await?;
         self.file.flush().await?;
-        self.rc.borrow_mut().table = table;
+        {
+            // Entries of blocks not yet written back are in the new table,
+            // written with their blocks before the flush above.
+            let mut rc = self.rc.borrow_mut();
+            rc.table = table;
+            rc.dirty.clear();
+        }
         {
             let mut o = self.overlaps.borrow_mut();
             o.set_range(kind::REFCOUNT_TABLE, table_off, table_clusters * cs);

@@ -7,7 +7,7 @@ use reactor::IoBuf;
 
 use super::entry::{self, COPIED, Cluster};
 use super::overlap::kind;
-use super::state::{Qcow2, decode_be64, encode_be64};
+use super::state::{Qcow2, decode_be64};
 use crate::error::IoError;
 
 impl Qcow2 {
@@ -79,13 +79,17 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Makes room in the L2 cache for one more table. When every cached
+    /// table is dirty they are written back first, the lock held through
+    /// the flushes (`writeback.rs`); if a write-back is already under way,
+    /// the cache goes over its size until that one has written them.
     async fn make_room_l2(&self) -> Result<(), IoError> {
         while self.l2.borrow().is_full() {
             if self.l2.borrow_mut().evict_clean() {
                 return Ok(());
             }
-            // Every cached table is dirty: write them back, then evict.
-            self.flush_metadata_locked().await?;
+            let Some(_wb) = self.writeback.try_lock() else { return Ok(()) };
+            self.writeback_locked().await?;
         }
         Ok(())
     }
@@ -103,6 +107,11 @@ impl Qcow2 {
 
     /// The L2 table covering cluster `c`, allocated (or copied, if shared
     /// with a snapshot) so it can be written. Lock held.
+    ///
+    /// A new table goes into the cache dirty, and the L1 entry pointing at
+    /// it is set in memory only: write-back writes the table and flushes
+    /// before it writes the entry (ordering rule 5), so nothing waits for
+    /// the disk here.
     pub(super) async fn writable_l2(&self, c: u64) -> Result<u64, IoError> {
         let (i, off, copied) = self.l1_lookup(c)?;
         if off != 0 && copied {
@@ -116,11 +125,12 @@ impl Qcow2 {
             self.l2.borrow().peek(off).expect("table just loaded").clone()
         };
         let new = self.alloc_clusters(1).await?;
-        // Ordering rule 5: table and its refcount durable before the L1 entry.
-        self.write_dirty_blocks().await?;
-        self.write_checked(new, encode_be64(&entries), kind::ACTIVE_L2).await?;
-        self.file.flush().await?;
+        self.make_room_l2().await?;
+        // From here to the end nothing waits: the table, the L1 entry and
+        // the overlap map change together.
+        self.l2.borrow_mut().insert(new, entries, true);
         self.l1.borrow_mut()[i] = new | COPIED;
+        self.l1_dirty.borrow_mut().insert(i);
         {
             let mut o = self.overlaps.borrow_mut();
             o.add_cluster(kind::ACTIVE_L2, new);
@@ -128,18 +138,17 @@ impl Qcow2 {
                 o.remove_cluster(kind::ACTIVE_L2, off);
             }
         }
-        self.write_l1_entry(i).await?;
-        self.make_room_l2().await?;
-        self.l2.borrow_mut().insert(new, entries, false);
         if off != 0 {
-            // The shared table now belongs to the snapshots only.
+            // The shared table now belongs to the snapshots only; its
+            // refcount drops once the L1 entry is durable.
             self.l2.borrow_mut().remove(off);
-            self.pending_frees.borrow_mut().push(off);
+            self.l1_dropped.borrow_mut().push(off);
         }
         Ok(new)
     }
 
-    async fn write_l1_entry(&self, i: usize) -> Result<(), IoError> {
+    /// Writes L1 entry `i` as it is in memory.
+    pub(super) async fn write_l1_entry(&self, i: usize) -> Result<(), IoError> {
         let e = self.l1.borrow()[i];
         let off = self.header.borrow().l1_table_offset + i as u64 * 8;
         self.write_checked(off, IoBuf::from_slice(&e.to_be_bytes()), kind::ACTIVE_L1).await

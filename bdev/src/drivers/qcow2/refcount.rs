@@ -1,6 +1,8 @@
 //! Refcounts: the refcount table (kept in memory) and the refcount blocks
 //! (cached), reading and changing one cluster's count, and writing dirty
-//! blocks back.
+//! blocks and new table entries back.
+
+use std::collections::BTreeSet;
 
 use reactor::IoBuf;
 
@@ -16,6 +18,9 @@ pub(super) struct Refcounts {
     pub table: Vec<u64>,
     /// First cluster index the allocator considers; only moves forward.
     pub free_search: u64,
+    /// Entries set in memory (new blocks), written back once their blocks
+    /// are durable (ordering rule 6).
+    pub dirty: BTreeSet<u64>,
 }
 
 impl Qcow2 {
@@ -83,6 +88,17 @@ impl Qcow2 {
             }
             None => Err(self.corrupt(format!("refcount of cluster {c} would drop below zero"))),
         }
+    }
+
+    /// Writes refcount table entries `entries` (of blocks already durable).
+    pub(super) async fn write_table_entries(&self, entries: &BTreeSet<u64>) -> Result<(), IoError> {
+        for &t in entries {
+            // Where the table is now: a grown table moved it, and holds the entry already.
+            let at = self.header.borrow().refcount_table_offset + t * 8;
+            let e = self.rc.borrow().table.get(t as usize).copied().unwrap_or(0);
+            self.write_checked(at, IoBuf::from_slice(&e.to_be_bytes()), kind::REFCOUNT_TABLE).await?;
+        }
+        Ok(())
     }
 
     pub(super) async fn write_dirty_blocks(&self) -> Result<(), IoError> {

@@ -7,7 +7,7 @@
 //! `request` (the request paths) and `corrupt` (overlap checks, fencing).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -64,17 +64,28 @@ pub(super) struct Qcow2 {
     pub backing: RefCell<Option<Rc<Backing>>>,
     pub read_only: bool,
     pub l1: RefCell<Vec<u64>>,
+    /// L1 entries changed in memory (new L2 tables), written back once
+    /// their tables are durable.
+    pub l1_dirty: RefCell<BTreeSet<usize>>,
     pub l2: RefCell<TableCache<Vec<u64>>>,
     pub blocks: RefCell<TableCache<Vec<u8>>>,
     pub rc: RefCell<Refcounts>,
-    /// Serialises metadata changes (held across metadata I/O, never across
-    /// guest data I/O).
+    /// Serialises metadata changes (held across metadata reads and writes,
+    /// never across guest data I/O, and across a flush of the file only
+    /// where `writeback.rs` says so).
     pub lock: LocalMutex,
+    /// Serialises write-backs (held across their flushes of the file).
+    pub writeback: LocalMutex,
     /// Guest clusters whose new data is being written: their run's lock
     /// is held until the L2 entries are set.
     pub allocating: RefCell<HashMap<u64, LocalMutex>>,
     /// Host clusters to lower by one once the L2 updates dropping them are on disk.
     pub pending_frees: RefCell<Vec<u64>>,
+    /// L2 tables the L1 table no longer points at (copied from a shared
+    /// table): lowered once the L1 entries are durable, a write-back later.
+    pub l1_dropped: RefCell<Vec<u64>>,
+    /// Dropped by L1 entries already durable: lowered at the next write-back.
+    pub l1_frees: RefCell<Vec<u64>>,
     /// End of the file as far as allocation knows (bytes).
     pub file_end: Cell<u64>,
     /// The file's length as grown ahead of `file_end`; 0: never grow (the
@@ -171,12 +182,16 @@ impl Qcow2 {
             backing: RefCell::new(backing.map(Rc::new)),
             read_only,
             l1: RefCell::new(l1),
+            l1_dirty: RefCell::default(),
             l2: RefCell::new(TableCache::new(caches.l2_tables)),
             blocks: RefCell::new(TableCache::new(caches.refcount_blocks)),
-            rc: RefCell::new(Refcounts { table, free_search: 0 }),
+            rc: RefCell::new(Refcounts { table, free_search: 0, dirty: BTreeSet::new() }),
             lock: LocalMutex::new(),
+            writeback: LocalMutex::new(),
             allocating: RefCell::new(HashMap::new()),
             pending_frees: RefCell::new(Vec::new()),
+            l1_dropped: RefCell::default(),
+            l1_frees: RefCell::default(),
             file_end: Cell::new(file_size.next_multiple_of(cs)),
             grown_to: Cell::new(if grow && !read_only { file_size } else { 0 }),
             caches,
@@ -245,6 +260,7 @@ impl Qcow2 {
         let mut rc = self.rc.borrow_mut();
         rc.table = table;
         rc.free_search = 0;
+        rc.dirty.clear();
         drop(rc);
         *self.blocks.borrow_mut() = TableCache::new(self.caches.refcount_blocks);
     }

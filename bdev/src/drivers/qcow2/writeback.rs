@@ -23,18 +23,116 @@
 //!    L2 tables that dropped it were written and flushed. A crash in
 //!    between leaves a leak.
 //! 5. A new L2 table is written, with the refcounts covering it, and
-//!    flushed before the L1 entry pointing to it is written.
+//!    flushed before the L1 entry pointing to it is written. An L2 table
+//!    the L1 table stops pointing at (copied from one shared with a
+//!    snapshot) has its refcount lowered once that L1 entry is durable.
 //! 6. A new refcount block is written and flushed before the refcount
-//!    table entry pointing to it; a grown refcount table is written and
-//!    flushed before the header points to it, and the old one is freed
-//!    after.
+//!    table entry pointing to it, and that entry is flushed before any L2
+//!    entry counting on the block is written; a grown refcount table is
+//!    written and flushed before the header points to it, and the old one
+//!    is freed after.
+//!
+//! # One write-back
+//!
+//! New L2 tables and refcount blocks wait in the caches (dirty), with
+//! their L1 and refcount table entries set in memory, until a write-back
+//! puts them on disk in this order:
+//!
+//! ```text
+//!   0. new refcount blocks ─ flush ─ their table entries      (only if any)
+//!   1. dirty refcount blocks; the L2 tables, L1 entries and frees to write
+//!      are captured now ─ flush
+//!   2. the captured L2 tables (a table changed since stays dirty) ─ flush
+//!   3. the L1 entries; the frees lower their refcounts; refcount blocks
+//!   4. ─ flush: all durable
+//! ```
+//!
+//! Write-backs run one at a time (their own lock), and they hold the
+//! metadata lock only while they read and write metadata: every flush of
+//! the file is waited for without it, so writes — in place or allocating,
+//! even ones that make new L2 tables or refcount blocks — go on while a
+//! flush is under way. What they change meanwhile is not captured and goes
+//! to the next write-back. Waits on a flush that still happen under the
+//! metadata lock, and why:
+//!
+//! - an L2 cache whose every table is dirty (eviction needs a write-back
+//!   and the request that needs the room holds the lock); where a
+//!   write-back is already under way, the cache grows past its size
+//!   instead, until that one has written the tables;
+//! - step 0 when new refcount blocks appeared during its own flush (a
+//!   second round holds the lock so that the rounds end);
+//! - growing the refcount table (the header moves: rare, and the
+//!   allocation that needs it cannot go on before);
+//! - changing the backing file name and setting the corrupt bit (header
+//!   writes, rare).
 
-use reactor::IoBuf;
+use std::collections::BTreeSet;
+
+use reactor::{IoBuf, LocalMutexGuard};
 
 use super::entry::{self, Cluster};
 use super::overlap::kind;
 use super::state::{Qcow2, encode_be64};
 use crate::error::IoError;
+
+/// Rounds of step 0 before it keeps the metadata lock through its flush.
+const NEW_BLOCK_ROUNDS_UNLOCKED_MAX: usize = 1;
+/// Write-backs one flush runs at most to lower the refcounts of L2 tables
+/// the L1 table dropped (each needs the L1 entries of the one before
+/// durable).
+const CYCLES_MAX: usize = 3;
+
+/// Who holds the metadata lock during a write-back.
+enum Hold {
+    /// The caller, throughout (an L2 cache full of dirty tables).
+    Caller,
+    /// The write-back, except while it waits for a flush.
+    Own(Option<LocalMutexGuard>),
+}
+
+impl Hold {
+    async fn lock(&mut self, q: &Qcow2) {
+        if let Hold::Own(g @ None) = self {
+            *g = Some(q.lock.lock().await);
+        }
+    }
+
+    fn unlock(&mut self) {
+        if let Hold::Own(g) = self {
+            *g = None;
+        }
+    }
+
+    /// Flushes the file, without the metadata lock unless the caller holds
+    /// it; returns with the lock.
+    async fn flush(&mut self, q: &Qcow2) -> Result<(), IoError> {
+        self.unlock();
+        let res = q.file.flush().await;
+        self.lock(q).await;
+        res
+    }
+}
+
+/// What one write-back took to write; given back if it fails.
+#[derive(Default)]
+struct Captured {
+    /// Refcount table entries of new blocks.
+    entries: BTreeSet<u64>,
+    l1: BTreeSet<usize>,
+    /// L2 tables the captured L1 entries dropped.
+    dropped: Vec<u64>,
+    /// Clusters whose refcount is lowered after the tables are durable.
+    frees: Vec<u64>,
+}
+
+impl Captured {
+    fn give_back(self, q: &Qcow2) {
+        q.rc.borrow_mut().dirty.extend(self.entries);
+        q.l1_dirty.borrow_mut().extend(self.l1);
+        q.l1_dropped.borrow_mut().extend(self.dropped);
+        q.pending_frees.borrow_mut().extend(self.frees);
+    }
+}
 
 impl Qcow2 {
     /// Writes the header (and its extensions) to cluster 0.
@@ -43,33 +141,97 @@ impl Qcow2 {
         self.write_checked(0, IoBuf::from_slice(&bytes), kind::MAIN_HEADER).await
     }
 
-    /// Writes all cached metadata back in the crash-safe order (see the
-    /// module documentation) and flushes the file. Lock held.
-    pub(super) async fn flush_metadata_locked(&self) -> Result<(), IoError> {
-        if self.l2.borrow().any_dirty() {
-            self.write_dirty_blocks().await?;
-            self.file.flush().await?;
-            let dirty = self.l2.borrow().dirty_offsets();
-            for off in dirty {
-                let buf = encode_be64(self.l2.borrow().peek(off).expect("dirty table is cached"));
-                self.write_checked(off, buf, kind::ACTIVE_L2).await?;
-                self.l2.borrow_mut().mark_clean(off);
-            }
-        }
-        let frees = std::mem::take(&mut *self.pending_frees.borrow_mut());
-        if !frees.is_empty() {
-            self.file.flush().await?;
-            for off in frees {
-                self.update_refcount(off >> self.geo.cluster_bits, -1).await?;
-            }
-        }
-        self.write_dirty_blocks().await?;
-        self.file.flush().await
+    /// Writes all cached metadata back in the crash-safe order and flushes
+    /// the file: everything completed before the call is durable after it.
+    pub(super) async fn flush(&self) -> Result<(), IoError> {
+        let _wb = self.writeback.lock().await;
+        self.writeback(Hold::Own(None)).await
     }
 
-    pub(super) async fn flush(&self) -> Result<(), IoError> {
-        let _g = self.lock.lock().await;
-        self.flush_metadata_locked().await
+    /// [`Qcow2::flush`] for a caller holding the metadata lock and the
+    /// write-back lock: the flushes are waited for with both held.
+    pub(super) async fn writeback_locked(&self) -> Result<(), IoError> {
+        self.writeback(Hold::Caller).await
+    }
+
+    async fn writeback(&self, mut hold: Hold) -> Result<(), IoError> {
+        for _ in 0..CYCLES_MAX {
+            self.writeback_cycle(&mut hold).await?;
+            if self.l1_frees.borrow().is_empty() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One write-back (see the module documentation).
+    async fn writeback_cycle(&self, hold: &mut Hold) -> Result<(), IoError> {
+        hold.lock(self).await;
+        let mut cap = Captured::default();
+        let res = self.writeback_steps(hold, &mut cap).await;
+        hold.unlock();
+        if res.is_err() {
+            cap.give_back(self);
+        }
+        res
+    }
+
+    async fn writeback_steps(&self, hold: &mut Hold, cap: &mut Captured) -> Result<(), IoError> {
+        // 0. New refcount blocks, then their table entries.
+        let mut rounds = 0;
+        while !self.rc.borrow().dirty.is_empty() {
+            rounds += 1;
+            cap.entries = std::mem::take(&mut self.rc.borrow_mut().dirty);
+            self.write_dirty_blocks().await?;
+            if rounds > NEW_BLOCK_ROUNDS_UNLOCKED_MAX {
+                self.file.flush().await?;
+            } else {
+                hold.flush(self).await?;
+            }
+            self.write_table_entries(&cap.entries).await?;
+            cap.entries.clear();
+        }
+        // 1. Refcounts, and what this write-back takes.
+        self.write_dirty_blocks().await?;
+        let tables: Vec<(u64, u64, IoBuf)> = {
+            let l2 = self.l2.borrow();
+            l2.dirty_versions()
+                .into_iter()
+                .map(|(off, v)| (off, v, encode_be64(l2.peek(off).expect("dirty table is cached"))))
+                .collect()
+        };
+        cap.l1 = std::mem::take(&mut *self.l1_dirty.borrow_mut());
+        cap.dropped = std::mem::take(&mut *self.l1_dropped.borrow_mut());
+        cap.frees = std::mem::take(&mut *self.pending_frees.borrow_mut());
+        cap.frees.append(&mut self.l1_frees.borrow_mut());
+        // 2. The L2 tables, once data and refcounts are durable.
+        if !tables.is_empty() {
+            hold.flush(self).await?;
+            for (off, version, buf) in tables {
+                self.write_checked(off, buf, kind::ACTIVE_L2).await?;
+                self.l2.borrow_mut().mark_clean_at(off, version);
+            }
+        }
+        // 3. L1 entries and lowered refcounts, once the tables are durable.
+        if !cap.l1.is_empty() || !cap.frees.is_empty() {
+            hold.flush(self).await?;
+            for &i in &cap.l1 {
+                self.write_l1_entry(i).await?;
+            }
+            cap.l1.clear();
+            while let Some(off) = cap.frees.pop() {
+                if let Err(e) = self.update_refcount(off >> self.geo.cluster_bits, -1).await {
+                    cap.frees.push(off);
+                    return Err(e);
+                }
+            }
+            self.write_dirty_blocks().await?;
+        }
+        // 4. Everything durable.
+        hold.unlock();
+        self.file.flush().await?;
+        self.l1_frees.borrow_mut().append(&mut cap.dropped);
+        Ok(())
     }
 
     /// Queues the host clusters an old entry referenced.
@@ -90,8 +252,103 @@ impl Qcow2 {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use super::super::testing::{MIB, Op, Rng, caches, new_disk, open, qemu_check, read, run};
-    use crate::drivers::sim::{Keep, SimDisk};
+    use reactor::JoinHandle;
+
+    use super::super::testing::{
+        KIB, MIB, Op, Rng, assert_consistent, caches, new_disk, open, pattern, qemu_check, read, run, write,
+    };
+    use crate::channel::BlockChannel;
+    use crate::drivers::sim::{Keep, Rule, SimDisk};
+    use crate::io::IoKind;
+
+    /// Polls until `job` finishes, for at most `ticks` turns of the reactor.
+    async fn finishes<T>(job: &JoinHandle<T>, ticks: usize) -> bool {
+        for _ in 0..ticks {
+            if job.is_finished() {
+                return true;
+            }
+            reactor::yield_now().await;
+        }
+        job.is_finished()
+    }
+
+    fn spawn_write(ch: &BlockChannel, offset: u64, len: usize, seed: u8) -> JoinHandle<()> {
+        let ch = ch.clone();
+        reactor::spawn_local(async move { write(&ch, offset, &pattern(offset, len, seed)).await })
+    }
+
+    #[test]
+    fn writes_go_on_while_a_flush_waits_for_the_disk() {
+        // 64 KiB clusters: an L2 table maps 512 MiB.
+        let disk = new_disk(2048 * MIB, 64 * KIB, 4);
+        let d = Arc::clone(&disk);
+        run(async move {
+            let o = open(&d, caches(8, 4)).await;
+            write(&o.ch, 0, &pattern(0, 128 * KIB as usize, 1)).await;
+            write(&o.ch, 600 * MIB, &pattern(600 * MIB, 128 * KIB as usize, 1)).await;
+            o.q.flush().await.unwrap();
+            // Opened again: nothing cached.
+            let o = open(&d, caches(8, 4)).await;
+            write(&o.ch, 4 * MIB, &pattern(4 * MIB, 4096, 2)).await;
+            let hold = d.add_rule(Rule::hold(&[IoKind::Flush]));
+            let ch = o.ch.clone();
+            let flush = reactor::spawn_local(async move { ch.flush().await });
+            assert!(!finishes(&flush, 50).await, "the flush waits for the disk");
+            assert!(d.held() >= 1);
+            // Its L2 table is not cached: the write takes the metadata lock.
+            let in_place = spawn_write(&o.ch, 600 * MIB + 4096, 8192, 3);
+            assert!(finishes(&in_place, 200).await, "a write to an allocated cluster waits for the flush");
+            let allocating = spawn_write(&o.ch, 8 * MIB, 4096, 4);
+            assert!(finishes(&allocating, 200).await, "an allocating write waits for the flush");
+            let new_table = spawn_write(&o.ch, 1500 * MIB, 4096, 5);
+            assert!(finishes(&new_table, 200).await, "a write needing a new L2 table waits for the flush");
+            assert!(!flush.is_finished());
+            d.remove_rule(hold);
+            flush.await.unwrap();
+            // What was written while the flush waited goes to the next one.
+            o.q.flush().await.unwrap();
+            let o = open(&d, caches(8, 4)).await;
+            for (at, len, seed) in [
+                (0, 4096, 1),
+                (600 * MIB, 4096, 1),
+                (600 * MIB + 4096, 8192, 3),
+                (4 * MIB, 4096, 2),
+                (8 * MIB, 4096, 4),
+                (1500 * MIB, 4096, 5),
+            ] {
+                assert_eq!(read(&o.ch, at, len).await, pattern(at, len, seed), "at {at:#x}");
+            }
+        });
+        assert_consistent(&disk.crash_image(Keep::None), "flushed");
+    }
+
+    #[test]
+    fn new_refcount_blocks_do_not_wait_for_a_flush_either() {
+        // 512-byte clusters: a refcount block covers 128 KiB of file.
+        let disk = new_disk(4 * MIB, 512, 4);
+        let d = Arc::clone(&disk);
+        run(async move {
+            let o = open(&d, caches(64, 8)).await;
+            write(&o.ch, 0, &pattern(0, 4096, 1)).await;
+            let blocks = || o.q.rc.borrow().table.iter().filter(|&&e| e != 0).count();
+            let before = blocks();
+            let hold = d.add_rule(Rule::hold(&[IoKind::Flush]));
+            let ch = o.ch.clone();
+            let flush = reactor::spawn_local(async move { ch.flush().await });
+            assert!(!finishes(&flush, 50).await);
+            for k in 0..8u64 {
+                let at = MIB + k * 64 * KIB;
+                let job = spawn_write(&o.ch, at, 64 * KIB as usize, 6);
+                assert!(finishes(&job, 500).await, "write {k} waits for the flush");
+            }
+            assert!(blocks() > before, "new refcount blocks were made");
+            d.remove_rule(hold);
+            flush.await.unwrap();
+            o.q.flush().await.unwrap();
+            assert_eq!(read(&o.ch, MIB, 512 * KIB as usize).await, pattern(MIB, 512 * KIB as usize, 6));
+        });
+        assert_consistent(&disk.crash_image(Keep::None), "flushed");
+    }
 
     /// FNV-1a of a sector.
     fn hash(b: &[u8]) -> u64 {
