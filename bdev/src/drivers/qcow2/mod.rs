@@ -11,6 +11,8 @@
 //!   refcount.rs  the refcount table and blocks: get, update, write back
 //!   alloc.rs     the allocator, new refcount blocks, a grown refcount
 //!                table, growing the file ahead
+//!   reuse.rs     when a freed cluster may be handed out again: epochs of
+//!                requests in flight, free runs
 //!   writeback.rs flushes: the order metadata reaches the file in (the
 //!                crash-ordering rules), dropped references
 //!   request.rs   read, write, write-zeroes, discard, block status; the
@@ -38,6 +40,7 @@ pub mod overlap;
 mod rebuild;
 mod refcount;
 mod request;
+mod reuse;
 mod snapshot;
 mod state;
 #[cfg(test)]
@@ -447,6 +450,7 @@ impl Bdev for Qcow2Bdev {
             // A fenced image keeps what it has on disk: its cached metadata
             // may hold what the corruption put there.
             let res = if state.read_only() || state.fenced() { Ok(()) } else { state.flush().await };
+            state.closed.set(true);
             IMAGES.with(|m| m.borrow_mut().remove(&id));
             res
         })

@@ -11,13 +11,11 @@ use super::overlap::kind;
 use super::state::Qcow2;
 use crate::error::IoError;
 
-/// The refcount table and where the allocator stands.
+/// The refcount table.
 pub(super) struct Refcounts {
     /// The refcount table: entry `t` is the offset of the block covering
     /// clusters `[t * per_block, (t + 1) * per_block)`, or 0.
     pub table: Vec<u64>,
-    /// First cluster index the allocator considers; only moves forward.
-    pub free_search: u64,
     /// Entries set in memory (new blocks), written back once their blocks
     /// are durable (ordering rule 6).
     pub dirty: BTreeSet<u64>,
@@ -54,6 +52,15 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Runs `f` on the refcount block of table index `t`, loaded; None
+    /// where there is no block. Lock held.
+    pub(super) async fn with_block<R>(&self, t: u64, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, IoError> {
+        let Some(off) = self.block_offset(t)? else { return Ok(None) };
+        self.load_block(off).await?;
+        let blocks = self.blocks.borrow();
+        Ok(Some(f(blocks.peek(off).expect("block just loaded"))))
+    }
+
     /// Refcount of host cluster index `c` (0 where no block covers it). Lock held.
     pub(super) async fn refcount(&self, c: u64) -> Result<u64, IoError> {
         let pb = self.geo.per_block();
@@ -80,6 +87,10 @@ impl Qcow2 {
         match new {
             Some(v) => {
                 refcount::set(block, order, idx, v);
+                drop(blocks);
+                if v == 0 && delta < 0 {
+                    self.reuse.borrow_mut().freed(c);
+                }
                 Ok(())
             }
             None if delta > 0 => {

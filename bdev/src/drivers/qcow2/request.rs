@@ -19,6 +19,20 @@ use crate::io::{BlockStatus, Done, Io, IoDone, IoFlags, IoKind};
 /// Most clusters allocated for one write at once.
 const ALLOC_RUN_CLUSTERS_MAX: u64 = 512;
 
+/// A request's claim on the host clusters it looked up, until it is done
+/// with them: a cluster freed meanwhile is not handed out again before
+/// (`reuse.rs`).
+struct Ticket<'a> {
+    q: &'a Qcow2,
+    epoch: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.q.epochs.borrow_mut().leave(self.epoch);
+    }
+}
+
 /// A run of guest clusters being allocated: where, what they held before,
 /// and the lock writers to the same clusters wait on.
 struct Run {
@@ -30,6 +44,11 @@ struct Run {
 }
 
 impl Qcow2 {
+    /// A ticket of the current epoch, taken before looking up a mapping.
+    fn ticket(&self) -> Ticket<'_> {
+        Ticket { q: self, epoch: self.epochs.borrow_mut().enter() }
+    }
+
     /// Host offset for a request whose clusters are all cached, allocated
     /// data, contiguous on the host (and, for writes, refcount one).
     fn fast_target(&self, io: &Io, write: bool) -> Option<u64> {
@@ -65,7 +84,8 @@ impl Qcow2 {
             _ => None,
         };
         if let Some(host) = fast {
-            let tag = self.fast.borrow_mut().insert((done, io.offset)) as u64;
+            let epoch = self.epochs.borrow_mut().enter();
+            let tag = self.fast.borrow_mut().insert((done, io.offset, epoch)) as u64;
             let me: Rc<dyn IoDone> = Rc::clone(self) as Rc<dyn IoDone>;
             let mut io = io;
             io.offset = host;
@@ -94,6 +114,7 @@ impl Qcow2 {
 
     /// Reads guest bytes at `offset` into `out`.
     async fn read_into(self: &Rc<Self>, offset: u64, out: &mut [u8]) -> Result<(), IoError> {
+        let _ticket = self.ticket();
         let g = self.geo;
         let end = offset + out.len() as u64;
         // Plan under the lock, then move data without it.
@@ -318,6 +339,9 @@ impl Qcow2 {
     /// Writes from `pos` as far as one run of clusters allows; returns the
     /// bytes written or skipped (0: waited for a concurrent allocation, retry).
     async fn write_step(&self, pos: u64, base: u64, data: &[u8], fill: bool) -> Result<u64, IoError> {
+        // The clusters looked up below are written (in place) or read
+        // (copy-on-write) after the lock is dropped.
+        let _ticket = self.ticket();
         let g = self.geo;
         let end = base + data.len() as u64;
         let c0 = g.cluster(pos);
@@ -361,8 +385,10 @@ impl Qcow2 {
             old.push(cl);
             c += 1;
         }
-        let n = old.len() as u64;
-        let host = self.alloc_clusters(n).await?;
+        // Fewer clusters than asked where only a shorter free run is left:
+        // the next step writes the rest.
+        let (host, n) = self.alloc_clusters_upto(old.len() as u64).await?;
+        old.truncate(n as usize);
         let run = self.register_run(table, c0, host, old);
         drop(guard);
         let run_start = c0 << g.cluster_bits;
@@ -545,7 +571,8 @@ impl Qcow2 {
 
 impl IoDone for Qcow2 {
     fn io_done(&self, tag: u64, mut io: Io, res: Result<(), IoError>) {
-        let (done, offset) = self.fast.borrow_mut().remove(tag as usize);
+        let (done, offset, epoch) = self.fast.borrow_mut().remove(tag as usize);
+        self.epochs.borrow_mut().leave(epoch);
         io.offset = offset;
         done.complete(io, res);
     }

@@ -15,11 +15,13 @@ use std::sync::atomic::AtomicBool;
 use reactor::{IoBuf, LocalMutex};
 use slab::Slab;
 
+use super::alloc::Allocator;
 use super::cache::TableCache;
 use super::entry::refcount;
 use super::header::{Compression, Header};
 use super::overlap::{self, Overlaps, kind};
 use super::refcount::Refcounts;
+use super::reuse::{Epochs, Reuse};
 use crate::bdev::EventSink;
 use crate::channel::BlockChannel;
 use crate::error::IoError;
@@ -86,14 +88,24 @@ pub(super) struct Qcow2 {
     pub l1_dropped: RefCell<Vec<u64>>,
     /// Dropped by L1 entries already durable: lowered at the next write-back.
     pub l1_frees: RefCell<Vec<u64>>,
+    /// Where the allocator stands.
+    pub alloc: RefCell<Allocator>,
+    /// Freed clusters on their way back to the allocator.
+    pub reuse: RefCell<Reuse>,
+    /// Requests in flight that may touch host clusters, by epoch.
+    pub epochs: RefCell<Epochs>,
+    /// A write-back the allocator started is under way.
+    pub background_writeback: Cell<bool>,
+    /// Closed: nothing starts in the background any more.
+    pub closed: Cell<bool>,
     /// End of the file as far as allocation knows (bytes).
     pub file_end: Cell<u64>,
     /// The file's length as grown ahead of `file_end`; 0: never grow (the
     /// file child is not a plain file).
     pub grown_to: Cell<u64>,
     pub caches: CacheSizes,
-    /// Fast-path requests in flight: their completion and guest offset.
-    pub fast: RefCell<Slab<(Done, u64)>>,
+    /// Fast-path requests in flight: their completion, guest offset and epoch.
+    pub fast: RefCell<Slab<(Done, u64, u64)>>,
     /// Where the metadata lies, checked before every write to the file.
     pub overlaps: RefCell<Overlaps>,
     /// Who hears of corruption, and the fence it raises.
@@ -185,13 +197,18 @@ impl Qcow2 {
             l1_dirty: RefCell::default(),
             l2: RefCell::new(TableCache::new(caches.l2_tables)),
             blocks: RefCell::new(TableCache::new(caches.refcount_blocks)),
-            rc: RefCell::new(Refcounts { table, free_search: 0, dirty: BTreeSet::new() }),
+            rc: RefCell::new(Refcounts { table, dirty: BTreeSet::new() }),
             lock: LocalMutex::new(),
             writeback: LocalMutex::new(),
             allocating: RefCell::new(HashMap::new()),
             pending_frees: RefCell::new(Vec::new()),
             l1_dropped: RefCell::default(),
             l1_frees: RefCell::default(),
+            alloc: RefCell::default(),
+            reuse: RefCell::default(),
+            epochs: RefCell::default(),
+            background_writeback: Cell::new(false),
+            closed: Cell::new(false),
             file_end: Cell::new(file_size.next_multiple_of(cs)),
             grown_to: Cell::new(if grow && !read_only { file_size } else { 0 }),
             caches,
@@ -257,11 +274,9 @@ impl Qcow2 {
             }
             o.set_range(kind::REFCOUNT_TABLE, offset, clusters << self.geo.cluster_bits);
         }
-        let mut rc = self.rc.borrow_mut();
-        rc.table = table;
-        rc.free_search = 0;
-        rc.dirty.clear();
-        drop(rc);
+        *self.rc.borrow_mut() = Refcounts { table, dirty: BTreeSet::new() };
+        *self.alloc.borrow_mut() = Allocator::default();
+        self.reuse.borrow_mut().clear();
         *self.blocks.borrow_mut() = TableCache::new(self.caches.refcount_blocks);
     }
 

@@ -9,9 +9,11 @@
 //! covered:
 //!
 //! 1. Allocating a cluster raises its refcount (in the refcount block
-//!    cache). The allocator only moves forward within a session, so a
-//!    cluster freed now is never handed out again before the next open —
-//!    a late write to it cannot land on someone else's data.
+//!    cache). A cluster freed while the image is open is handed out again
+//!    only once its lowered refcount is durable (rule 4 put the tables
+//!    that dropped it on disk before that) and no request that looked up
+//!    the old mapping is still in flight — a late write to it cannot land
+//!    on someone else's data (`reuse.rs`).
 //! 2. Guest data, with copy-on-write of the parts of the cluster the write
 //!    does not cover, goes to the new cluster before the L2 entry is set.
 //! 3. Writing back L2 tables: first every dirty refcount block, then a file
@@ -44,7 +46,7 @@
 //!      are captured now ─ flush
 //!   2. the captured L2 tables (a table changed since stays dirty) ─ flush
 //!   3. the L1 entries; the frees lower their refcounts; refcount blocks
-//!   4. ─ flush: all durable
+//!   4. ─ flush: all durable; clusters freed now wait in quarantine (rule 1)
 //! ```
 //!
 //! Write-backs run one at a time (their own lock), and they hold the
@@ -228,9 +230,14 @@ impl Qcow2 {
             self.write_dirty_blocks().await?;
         }
         // 4. Everything durable.
+        let limbo = self.reuse.borrow().limbo_len();
         hold.unlock();
         self.file.flush().await?;
         self.l1_frees.borrow_mut().append(&mut cap.dropped);
+        if limbo > 0 {
+            let tag = self.epochs.borrow_mut().advance();
+            self.reuse.borrow_mut().durable(limbo, tag);
+        }
         Ok(())
     }
 
