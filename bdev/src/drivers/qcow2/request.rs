@@ -6,6 +6,11 @@
 //! go straight to the file with their offset translated: only data I/O
 //! (the fast path). Everything else runs as a task: planning under the
 //! image's metadata lock, data I/O outside it.
+//!
+//! Either way a request that reaches host clusters through a mapping it
+//! looked up holds a ticket of the current epoch until it completes, so
+//! the allocator does not hand those clusters to anyone else meanwhile
+//! (`reuse.rs`).
 
 use std::rc::Rc;
 

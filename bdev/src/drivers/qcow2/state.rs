@@ -1,10 +1,12 @@
 //! One open qcow2 image on its home reactor: the fixed facts of the image
 //! and the state every part shares — the header, the L1 table, the L2 and
-//! refcount block caches, the refcount table, the lock — and opening it.
+//! refcount block caches, the refcount table, the locks, what waits to be
+//! written back or freed — and opening it.
 //!
 //! The parts work on this state from their own modules: `mapping`
-//! (lookups), `refcount`, `alloc`, `writeback` (the crash-ordering rules),
-//! `request` (the request paths) and `corrupt` (overlap checks, fencing).
+//! (lookups), `refcount`, `alloc` (and `reuse`: when freed clusters come
+//! back), `writeback` (the crash-ordering rules), `request` (the request
+//! paths) and `corrupt` (overlap checks, fencing).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
@@ -58,6 +60,7 @@ pub(super) struct Backing {
     pub size: u64,
 }
 
+/// The open image (see the module documentation).
 pub(super) struct Qcow2 {
     pub geo: Geometry,
     pub header: RefCell<Header>,
