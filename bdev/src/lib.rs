@@ -11,7 +11,7 @@
 //!                              │ (forward.rs) to a driver's home reactor
 //!   formats and filters:  qcow2 (drivers/qcow2/), raw, blkdebug, delay
 //!                              │ child claims (graph.rs, lock.rs)
-//!   storage:              file (io_uring), malloc (RAM), null-co
+//!   storage:              file (io_uring), malloc (RAM), null-co, x-sim
 //!                         (nbd, the client driver, lives in the nbd crate)
 //! ```
 //!
@@ -28,7 +28,7 @@
 //! - [`options`]: QEMU-shaped option reading.
 //! - [`forward`]: channels that send requests to a driver's home reactor.
 //! - [`drivers`]: `file`, `malloc`, `null-co`, `raw`, `qcow2`, `blkdebug`,
-//!   `delay`.
+//!   `delay`, and `x-sim` (a simulated disk for tests).
 //!
 //! Completions are never delivered inside `submit`; every failure travels
 //! the completion path.

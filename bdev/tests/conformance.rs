@@ -5,7 +5,10 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use bdev::drivers::qcow2::create::{CreateOptions, layout};
+use bdev::drivers::sim::SimDisk;
 use bdev::{IoError, IoFlags, Node};
 use common::{Env, pattern};
 use reactor::IoBuf;
@@ -65,6 +68,24 @@ fn targets() -> Vec<Target> {
     out.push(Target { name: "blkdebug", env, node, discard_zeroes: true, _dir: None });
     out.push(qcow2_target(false));
     out.push(qcow2_target(true));
+    // The simulated disk, completing each tick's requests in a seeded order.
+    let mut env = Env::new();
+    let node = env.add(
+        json!({"driver": "x-sim", "node-name": "s0", "size": SIZE, "seed": 7, "reorder": true, "discard": "unmap"}),
+    );
+    out.push(Target { name: "x-sim", env, node, discard_zeroes: true, _dir: None });
+    // qcow2 on it, laid out in memory.
+    let opts = CreateOptions { size: SIZE, cluster_size: Some(4096), ..Default::default() };
+    let disk = SimDisk::new(layout(&opts, 4).unwrap().to_bytes(), 9);
+    // Tests run in parallel: one key per disk.
+    static DISKS: AtomicU64 = AtomicU64::new(0);
+    let key = format!("conformance-qcow2-{}", DISKS.fetch_add(1, Ordering::Relaxed));
+    disk.register(&key);
+    let mut env = Env::new();
+    let node = env.add(
+        json!({"driver": "qcow2", "node-name": "qs", "discard": "unmap", "file": {"driver": "x-sim", "sim": key}}),
+    );
+    out.push(Target { name: "qcow2-on-x-sim", env, node, discard_zeroes: true, _dir: None });
     out
 }
 

@@ -9,6 +9,7 @@ pub mod null;
 pub mod qcow2;
 mod queue;
 pub mod raw;
+pub mod sim;
 
 use crate::graph::Graph;
 
@@ -20,4 +21,5 @@ pub(crate) fn register_builtin(graph: &mut Graph) {
     graph.register_driver("qcow2", qcow2::open);
     graph.register_driver("blkdebug", blkdebug::open);
     graph.register_driver("delay", delay::open);
+    graph.register_driver(sim::DRIVER, sim::open);
 }

@@ -1,6 +1,8 @@
 //! The L2 table cache and the refcount block cache: LRU maps from a
-//! table's host offset to its decoded contents, with dirty tracking. Pure
-//! data structures; the I/O that fills and writes them back is in `state`.
+//! table's host offset to its decoded contents, with dirty tracking and a
+//! version per change (a write-back that captured a table marks it clean
+//! only if nothing changed it since). Pure data structures; the I/O that
+//! fills them is in `mapping` and `refcount`, write-back in `writeback`.
 
 use std::collections::HashMap;
 
@@ -9,6 +11,8 @@ struct Slot<T> {
     data: T,
     dirty: bool,
     last_use: u64,
+    /// The clock at the last change.
+    version: u64,
 }
 
 /// An LRU cache of tables keyed by host offset.
@@ -47,6 +51,7 @@ impl<T> TableCache<T> {
         let clock = self.clock;
         self.slots.get_mut(&offset).map(|s| {
             s.last_use = clock;
+            s.version = clock;
             s.dirty = true;
             &mut s.data
         })
@@ -55,7 +60,7 @@ impl<T> TableCache<T> {
     /// Inserts a table read from (or about to be written to) disk.
     pub fn insert(&mut self, offset: u64, data: T, dirty: bool) {
         self.clock += 1;
-        self.slots.insert(offset, Slot { data, dirty, last_use: self.clock });
+        self.slots.insert(offset, Slot { data, dirty, last_use: self.clock, version: self.clock });
     }
 
     /// Drops the least recently used clean table; false if every table is dirty.
@@ -75,6 +80,7 @@ impl<T> TableCache<T> {
         self.slots.remove(&offset);
     }
 
+    #[cfg(test)]
     pub fn any_dirty(&self) -> bool {
         self.slots.values().any(|s| s.dirty)
     }
@@ -93,6 +99,23 @@ impl<T> TableCache<T> {
 
     pub fn mark_clean(&mut self, offset: u64) {
         if let Some(s) = self.slots.get_mut(&offset) {
+            s.dirty = false;
+        }
+    }
+
+    /// Dirty tables and the version of each, in ascending offset order.
+    pub fn dirty_versions(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.slots.iter().filter(|(_, s)| s.dirty).map(|(&k, s)| (k, s.version)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Marks a table clean if it is still at `version` (it was written back
+    /// as it was then).
+    pub fn mark_clean_at(&mut self, offset: u64, version: u64) {
+        if let Some(s) = self.slots.get_mut(&offset)
+            && s.version == version
+        {
             s.dirty = false;
         }
     }
@@ -121,5 +144,19 @@ mod tests {
         *c.get_mut(2).unwrap() = 21;
         assert!(c.any_dirty());
         assert_eq!(c.peek(2), Some(&21));
+    }
+
+    #[test]
+    fn a_table_changed_after_it_was_captured_stays_dirty() {
+        let mut c: TableCache<u32> = TableCache::new(3);
+        c.insert(1, 10, false);
+        *c.get_mut(1).unwrap() = 11;
+        let [(off, v)] = c.dirty_versions()[..] else { panic!("one dirty table") };
+        *c.get_mut(1).unwrap() = 12;
+        c.mark_clean_at(off, v);
+        assert!(c.any_dirty(), "the second change is not written yet");
+        let [(_, v2)] = c.dirty_versions()[..] else { panic!("one dirty table") };
+        c.mark_clean_at(1, v2);
+        assert!(!c.any_dirty());
     }
 }

@@ -35,6 +35,49 @@ pub struct CreateOptions {
 /// Creates (or truncates) `path` as an empty qcow2 image. A file that a
 /// node has open, here or in another process, is refused and left as it is.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
+    let image = layout(opts, REFCOUNT_ORDER_DEFAULT)?;
+    let io = |source: std::io::Error| BdevError::Open { path: path.display().to_string(), source };
+    let guard = CreateLock::acquire(path)?;
+    let mut f = guard.file();
+    f.set_len(0).map_err(io)?;
+    f.write_all(&image.head).map_err(io)?;
+    f.write_all_at(&image.table, image.table_offset).map_err(io)?;
+    f.write_all_at(&image.block, image.block_offset).map_err(io)?;
+    f.set_len(image.len).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(())
+}
+
+/// A new image's bytes: what [`create`] writes. Everything past these
+/// pieces up to `len` (the L1 table) is zeroes.
+pub struct Layout {
+    /// The header, its extensions and the backing file name, at 0.
+    pub head: Vec<u8>,
+    pub table_offset: u64,
+    /// The refcount table, one cluster.
+    pub table: Vec<u8>,
+    pub block_offset: u64,
+    /// The one refcount block.
+    pub block: Vec<u8>,
+    /// The file's length.
+    pub len: u64,
+}
+
+impl Layout {
+    /// The whole file in memory.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len as usize];
+        out[..self.head.len()].copy_from_slice(&self.head);
+        let t = self.table_offset as usize;
+        out[t..t + self.table.len()].copy_from_slice(&self.table);
+        let b = self.block_offset as usize;
+        out[b..b + self.block.len()].copy_from_slice(&self.block);
+        out
+    }
+}
+
+/// Lays out a new image with refcounts of `2^refcount_order` bits.
+pub fn layout(opts: &CreateOptions, refcount_order: u32) -> Result<Layout, BdevError> {
     let cs = opts.cluster_size.unwrap_or(CLUSTER_SIZE_DEFAULT);
     if !cs.is_power_of_two() || !(1 << header::CLUSTER_BITS_MIN..=1 << header::CLUSTER_BITS_MAX).contains(&cs) {
         return Err(BdevError::invalid("Cluster size must be a power of two between 512 and 2048k".to_string()));
@@ -45,6 +88,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
     if opts.backing_format.is_some() && opts.backing_file.is_none() {
         return Err(BdevError::invalid("Backing format cannot be used without backing file"));
     }
+    if refcount_order > 6 {
+        return Err(BdevError::invalid("Refcount width must be a power of two and may not exceed 64 bits"));
+    }
     let cluster_bits = cs.trailing_zeros();
     let l2_coverage = cs * (cs / 8);
     let l1_size = opts.size.div_ceil(l2_coverage);
@@ -54,7 +100,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let (rt, rb, l1) = (cs, 2 * cs, 3 * cs);
     let used = 3 + l1_clusters;
-    let per_block = refcount::per_block(REFCOUNT_ORDER_DEFAULT, cluster_bits);
+    let per_block = refcount::per_block(refcount_order, cluster_bits);
     if used > per_block {
         return Err(BdevError::invalid("Image size is too large for this cluster size"));
     }
@@ -72,7 +118,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
         incompatible: 0,
         compatible: 0,
         autoclear: 0,
-        refcount_order: REFCOUNT_ORDER_DEFAULT,
+        refcount_order,
         header_length: 112,
         compression_type: 0,
         // Padding of the 112-byte header QEMU writes.
@@ -87,18 +133,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
     table[..8].copy_from_slice(&rb.to_be_bytes());
     let mut block = vec![0u8; cs as usize];
     for c in 0..used {
-        refcount::set(&mut block, REFCOUNT_ORDER_DEFAULT, c as usize, 1);
+        refcount::set(&mut block, refcount_order, c as usize, 1);
     }
-    let io = |source: std::io::Error| BdevError::Open { path: path.display().to_string(), source };
-    let guard = CreateLock::acquire(path)?;
-    let mut f = guard.file();
-    f.set_len(0).map_err(io)?;
-    f.write_all(&head).map_err(io)?;
-    f.write_all_at(&table, rt).map_err(io)?;
-    f.write_all_at(&block, rb).map_err(io)?;
-    f.set_len(l1 + l1_clusters * cs).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(())
+    Ok(Layout { head, table_offset: rt, table, block_offset: rb, block, len: l1 + l1_clusters * cs })
 }
 
 /// The feature name table QEMU writes into new images.

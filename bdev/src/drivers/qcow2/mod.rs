@@ -2,15 +2,26 @@
 //! QEMU reads and writes it (docs/interop/qcow2.rst).
 //!
 //! ```text
-//!   header.rs  the header and its extensions (parse, validate, serialise)
-//!   entry.rs   L1/L2 entries, compressed clusters, refcount widths
-//!   cache.rs   LRU caches for L2 tables and refcount blocks
-//!   state.rs   the open image on its home reactor: request paths,
-//!              allocation, write-back order (see its crash-ordering notes),
-//!              corruption (fencing, the corrupt bit, the event)
-//!   overlap.rs where metadata lies: every write is checked against it
-//!   snapshot.rs the internal snapshot table (kept, read for its extent)
-//!   rebuild.rs refcounts recomputed for images left dirty
+//!   header.rs    the header and its extensions (parse, validate, serialise)
+//!   entry.rs     L1/L2 entries, compressed clusters, refcount widths
+//!   cache.rs     LRU caches for L2 tables and refcount blocks
+//!   state.rs     the open image on its home reactor: the state the parts
+//!                below share, and opening it
+//!   mapping.rs   L1/L2 lookups, the L2 cache's use, entry checks
+//!   refcount.rs  the refcount table and blocks: get, update, write back
+//!   alloc.rs     the allocator, new refcount blocks, a grown refcount
+//!                table, growing the file ahead
+//!   reuse.rs     when a freed cluster may be handed out again: epochs of
+//!                requests in flight, free runs
+//!   writeback.rs flushes: the order metadata reaches the file in (the
+//!                crash-ordering rules), dropped references
+//!   request.rs   read, write, write-zeroes, discard, block status; the
+//!                fast path
+//!   corrupt.rs   corruption: fencing, the corrupt bit, the event
+//!   overlap.rs   where metadata lies: every write is checked against it
+//!   snapshot.rs  the internal snapshot table (kept, read for its extent)
+//!   rebuild.rs   refcounts recomputed for images left dirty
+//!   create.rs    a new, empty image
 //! ```
 //!
 //! The image's state lives on its home reactor — that of its backing chain,
@@ -19,14 +30,23 @@
 //! itself from the header's backing file name unless `backing` says
 //! otherwise.
 
+mod alloc;
 mod cache;
+mod corrupt;
 pub mod create;
 pub mod entry;
 pub mod header;
+mod mapping;
 pub mod overlap;
 mod rebuild;
+mod refcount;
+mod request;
+mod reuse;
 mod snapshot;
 mod state;
+#[cfg(test)]
+mod testing;
+mod writeback;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -287,8 +307,11 @@ impl Opened {
 }
 
 async fn read_header(file: &Node, file_size: u64) -> Result<Header, BdevError> {
+    read_header_from(&file_channel(file)?, file_size).await
+}
+
+async fn read_header_from(ch: &BlockChannel, file_size: u64) -> Result<Header, BdevError> {
     let io_err = |source: IoError| BdevError::Io { what: "reading the qcow2 header".into(), source };
-    let ch = file_channel(file)?;
     if file_size < header::V2_HEADER_BYTES as u64 {
         return Err(BdevError::invalid("qcow2: Image is not in qcow2 format"));
     }
@@ -527,6 +550,7 @@ impl Bdev for Qcow2Bdev {
             // A fenced image keeps what it has on disk: its cached metadata
             // may hold what the corruption put there.
             let res = if state.read_only() || state.fenced() { Ok(()) } else { state.flush().await };
+            state.closed.set(true);
             IMAGES.with(|m| m.borrow_mut().remove(&id));
             res
         })

@@ -26,7 +26,12 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::error::BdevError;
+use super::entry::OFFSET_MASK;
+use super::header::{Header, autoclear, ext};
+use super::snapshot;
+use super::state::decode_be64;
+use crate::channel::BlockChannel;
+use crate::error::{BdevError, IoError};
 
 /// The kinds of metadata, as QEMU's `QCow2MetadataOverlap` bits.
 pub mod kind {
@@ -236,6 +241,51 @@ impl Overlaps {
         // QEMU reports the lowest bit.
         (found != 0).then(|| found & found.wrapping_neg())
     }
+}
+
+/// Where the metadata of a writable image lies, for the overlap checks
+/// `enabled` asks for (the tables read at open: L1, refcount table; the
+/// snapshot table and, for `all`, the snapshots' L1 tables are read here).
+pub(super) async fn metadata_map(
+    file: &BlockChannel,
+    h: &Header,
+    l1: &[u64],
+    refcount_table: &[u64],
+    enabled: u16,
+) -> Result<Overlaps, IoError> {
+    let cs = h.cluster_size();
+    let mut o = Overlaps::new(enabled, h.cluster_bits);
+    if enabled == 0 {
+        return Ok(o);
+    }
+    o.add_range(kind::ACTIVE_L1, h.l1_table_offset, u64::from(h.l1_size) * 8);
+    o.add_range(kind::REFCOUNT_TABLE, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs);
+    for &e in l1.iter().filter(|&&e| e & OFFSET_MASK != 0) {
+        o.add_cluster(kind::ACTIVE_L2, e & OFFSET_MASK);
+    }
+    for &e in refcount_table.iter().filter(|&&e| e & !511 != 0) {
+        o.add_cluster(kind::REFCOUNT_BLOCK, e & !511);
+    }
+    if h.nb_snapshots > 0 {
+        let table = snapshot::read_table(file, h.snapshots_offset, h.nb_snapshots).await?;
+        o.add_range(kind::SNAPSHOT_TABLE, h.snapshots_offset, table.bytes);
+        for &(off, entries) in &table.l1_tables {
+            o.add_range(kind::INACTIVE_L1, off, u64::from(entries) * 8);
+            if enabled & kind::INACTIVE_L2 != 0 && entries > 0 {
+                let l1 = decode_be64(&file.read(off, entries as usize * 8).await?);
+                for &e in l1.iter().filter(|&&e| e & OFFSET_MASK != 0) {
+                    o.add_cluster(kind::INACTIVE_L2, e & OFFSET_MASK);
+                }
+            }
+        }
+    }
+    if h.autoclear & autoclear::BITMAPS != 0
+        && let Some(e) = h.extensions.iter().find(|e| e.kind == ext::BITMAPS && e.data.len() >= 24)
+    {
+        let be = |at: usize| u64::from_be_bytes(e.data[at..at + 8].try_into().expect("8 bytes"));
+        o.add_range(kind::BITMAP_DIRECTORY, be(16), be(8));
+    }
+    Ok(o)
 }
 
 #[cfg(test)]
