@@ -289,3 +289,41 @@ fn argument_errors_are_qemu_storage_daemons() {
         assert_eq!(b, a, "blockdev-backup {args}");
     }
 }
+
+#[test]
+fn a_backup_ends_only_after_the_copies_client_writes_started() {
+    // The target's data writes take 300 ms; zero clusters are metadata
+    // only and fast. A client write to the last cluster starts a copy
+    // before write; the job is then let run to the end at full speed and
+    // finds that cluster taken. It must wait for that copy before it
+    // flushes the target and reports.
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    let src = qcow2(&d, "src.qcow2", "2M", None);
+    qio(&src, "qcow2", &["write -P 0x5a 1984k 64k"]);
+    add(&d, "src", &src);
+    let uri = export(&d, "src");
+    let tgt = qcow2(&d, "tgt.qcow2", "2M", None);
+    d.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "tgt",
+               "file": {"driver": "delay", "write-latency-ns": 300_000_000u64,
+                        "file": {"driver": "file", "filename": tgt}}}),
+    );
+    d.ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 65536,
+               "x-perf": {"max-chunk": 65536}}),
+    );
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || qio(Path::new(&uri), "raw", &["write -P 0x77 1984k 64k"]))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    d.ok("block-job-set-speed", json!({"device": "b", "speed": 0}));
+    let ev = wait_end(&mut q, "b");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    // Read at once: the job's end covers the client's copy.
+    qio(&tgt, "qcow2", &["read -P 0x5a 1984k 64k", "read -P 0 0 1984k"]);
+    writer.join().unwrap();
+}

@@ -495,7 +495,9 @@ async fn run(
         let Some(first) = next_free(&c, cursor) else {
             if copies.running() > 0 {
                 copies.drain().await;
-            } else if c.bits.count() == 0 {
+            } else if c.bits.count() == 0 && c.locks.is_empty() {
+                // A bit is cleared when its copy starts: the job ends once
+                // clients' copies before their writes have landed too.
                 break;
             } else {
                 // What is left is being copied by clients' writes.

@@ -469,6 +469,8 @@ impl Bdev for Qcow2Bdev {
                 if !state.read_only() && !state.fenced() {
                     state.flush().await.map_err(|source| BdevError::Io { what: "flush".into(), source })?;
                 }
+                // A write-back queued meanwhile must not run on the old home.
+                state.closed.set(true);
                 IMAGES.with(|m| m.borrow_mut().remove(&id));
                 Ok::<u64, BdevError>(state.file_end())
             })
