@@ -223,6 +223,10 @@ impl Bdev for CbwBdev {
         "copy-before-write"
     }
 
+    fn is_filter(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.source.size()
     }

@@ -302,6 +302,10 @@ impl Bdev for MirrorTopBdev {
         "mirror_top"
     }
 
+    fn is_filter(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.source.size()
     }

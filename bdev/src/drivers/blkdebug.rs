@@ -361,6 +361,10 @@ impl Bdev for BlkdebugBdev {
         "blkdebug"
     }
 
+    fn is_filter(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.image.size()
     }

@@ -96,6 +96,10 @@ impl Bdev for DelayBdev {
         "delay"
     }
 
+    fn is_filter(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.file.size()
     }
