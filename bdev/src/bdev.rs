@@ -51,6 +51,13 @@ pub trait Bdev: Send + Sync + 'static {
         None
     }
 
+    /// Passes every request on to its one child (QEMU's filter drivers):
+    /// what walks down a chain, such as finding a bitmap by name, walks
+    /// through it.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
     /// Reads what this layer does not hold from `backing` from now on and
     /// records `name` and `format` in the image (QEMU's change of backing
     /// file). Runs on the control thread; [`crate::Graph::change_backing`]

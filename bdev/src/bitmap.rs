@@ -173,6 +173,43 @@ impl DirtyBits {
         None
     }
 
+    /// The first clean chunk in `[from, to)`.
+    pub fn scan_clean(&self, from: u64, to: u64) -> Option<u64> {
+        let mut c = from;
+        while c < to {
+            // Bits past the last chunk are never set, so they read as clean
+            // and fall outside `to`.
+            let w = !self.words[(c / 64) as usize].load(Ordering::Acquire) >> (c % 64);
+            if w == 0 {
+                c = (c / 64 + 1) * 64;
+                continue;
+            }
+            let hit = c + u64::from(w.trailing_zeros());
+            return (hit < to).then_some(hit);
+        }
+        None
+    }
+
+    /// Whether the byte at `offset` is dirty, and where the run of bytes
+    /// in that state ends, at most `end` (`offset < end`). Bytes past the
+    /// bitmap's size are clean.
+    pub fn run_at(&self, offset: u64, end: u64) -> (bool, u64) {
+        debug_assert!(offset < end, "an empty range has no run");
+        if offset >= self.size {
+            return (false, end);
+        }
+        let chunk = offset / self.granularity;
+        let dirty = self.get(chunk);
+        let last = end.min(self.size).div_ceil(self.granularity);
+        let change = if dirty { self.scan_clean(chunk + 1, last) } else { self.scan(chunk + 1, last) };
+        let run_end = match change {
+            Some(c) => c * self.granularity,
+            None if dirty => self.size,
+            None => end,
+        };
+        (dirty, run_end.min(end))
+    }
+
     /// Length in chunks of the dirty run starting at `chunk`, at most `max`.
     pub fn run_len(&self, chunk: u64, max: u64) -> u64 {
         let end = (chunk + max).min(self.chunks());
@@ -411,6 +448,26 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(b.count(), b.chunks());
+    }
+
+    #[test]
+    fn runs_are_cut_at_the_range_and_the_size() {
+        let b = DirtyBits::new(10 * 4096 + 100, 4096);
+        b.set_chunks(2, 4);
+        b.set_chunks(10, 11);
+        assert_eq!(b.run_at(0, 100_000), (false, 2 * 4096));
+        assert_eq!(b.run_at(100, 5000), (false, 5000), "cut at the end of the range");
+        assert_eq!(b.run_at(2 * 4096 + 7, 100_000), (true, 4 * 4096), "starts inside a chunk");
+        assert_eq!(b.run_at(4 * 4096, 100_000), (false, 10 * 4096));
+        assert_eq!(b.run_at(10 * 4096, 100_000), (true, 10 * 4096 + 100), "the last chunk ends at the size");
+        assert_eq!(b.run_at(10 * 4096 + 100, 100_000), (false, 100_000), "past the size: clean");
+        let wide = DirtyBits::new(300 * 512, 512);
+        wide.set_chunks(5, 200);
+        assert_eq!(wide.scan_clean(5, 300), Some(200));
+        assert_eq!(wide.scan_clean(5, 150), None);
+        assert_eq!(wide.run_at(5 * 512, 300 * 512), (true, 200 * 512), "a run across words");
+        wide.set_chunks(0, 300);
+        assert_eq!(wide.run_at(0, 1 << 30), (true, 300 * 512));
     }
 
     #[test]

@@ -190,6 +190,14 @@ impl Node {
         self.children.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|c| (c.role, Arc::clone(c.node()))).collect()
     }
 
+    /// The node the chain continues with below this one: a filter's child,
+    /// else the backing file (QEMU's `bdrv_filter_or_cow_bs`).
+    pub fn chain_next(&self) -> Option<Arc<Node>> {
+        let children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        let filter = self.bdev.is_filter();
+        children.iter().find(|c| filter || c.role == "backing").map(|c| Arc::clone(c.node()))
+    }
+
     /// Drops the claims this node holds on its children.
     fn release_children(&self) -> Vec<Arc<Node>> {
         let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));

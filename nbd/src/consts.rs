@@ -62,6 +62,12 @@ pub const MIN_BLOCK_BYTES_MAX: u32 = 1 << 16;
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 1 << 20;
 /// The one metadata context the protocol defines.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// QEMU's namespace of metadata contexts (QEMU's `docs/interop/nbd.rst`).
+pub const QEMU_NAMESPACE: &str = "qemu:";
+/// QEMU's context telling which layer of a backing chain holds each extent.
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// Prefix of QEMU's dirty bitmap contexts: `qemu:dirty-bitmap:NAME`.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// Magic numbers.
 pub mod magic {
@@ -359,6 +365,17 @@ pub mod state {
     pub const HOLE: u32 = 1 << 0;
     /// `NBD_STATE_ZERO`: the extent reads as zeroes.
     pub const ZERO: u32 = 1 << 1;
+}
+
+/// Status values of QEMU's contexts (32 bits).
+pub mod qemu_state {
+    /// `NBD_STATE_DIRTY` of a `qemu:dirty-bitmap:` context: the extent is
+    /// dirty in the bitmap.
+    pub const DIRTY: u32 = 1 << 0;
+    /// `qemu:allocation-depth`: no layer of the chain holds the extent. Any
+    /// other value is the layer that does: 1 the exported node itself, 2
+    /// its backing file, and so on.
+    pub const UNALLOCATED: u32 = 0;
 }
 
 #[cfg(test)]

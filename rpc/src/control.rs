@@ -135,6 +135,12 @@ impl Control {
                 let mut params = r.config.clone();
                 // A finished mirror or commit moved the export to another node.
                 params["node-name"] = json!(r.backend.root().name());
+                // Dirty bitmaps live in memory only: none exists when the
+                // configuration is replayed, so the export comes back
+                // without them rather than failing the start.
+                if let Some(p) = params.as_object_mut() {
+                    p.remove("bitmaps");
+                }
                 cfg.push(json!({"method": "block-export-add", "params": params}));
             }
         }

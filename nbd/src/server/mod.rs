@@ -13,6 +13,12 @@
 //! Exports are registered by the control plane in [`Exports`]; a
 //! connection looks its export up by name during the handshake. Each
 //! connection is bounded in requests and bytes in flight.
+//!
+//! Block status answers the metadata contexts the client selected:
+//! `base:allocation` and, when the export publishes them,
+//! `qemu:allocation-depth` (from the same block-status query) and
+//! `qemu:dirty-bitmap:NAME` (from the bitmap's bits, which an
+//! [`ExportedBitmap`] keeps busy while the export lives).
 
 mod negotiate;
 mod transmit;
@@ -25,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bdev::Backend;
+use bdev::{Backend, Bitmap};
 use reactor::{Handle, SharedFd};
 
 /// Connections one server accepts at once when no limit is given.
@@ -72,11 +78,46 @@ pub struct Export {
     /// Where connections are served when the exported node has no home of
     /// its own (the export's `iothread`); None: where they were accepted.
     pub reactor: Option<Handle>,
+    /// Published as `qemu:dirty-bitmap:NAME` contexts, in this order.
+    pub bitmaps: Vec<ExportedBitmap>,
+    /// Publishes the `qemu:allocation-depth` context.
+    pub allocation_depth: bool,
 }
 
 impl Export {
     pub fn new(id: String, name: String, description: Option<String>, backend: Arc<Backend>, writable: bool) -> Export {
-        Export { id, name, description, backend, writable, reactor: None }
+        Export { id, name, description, backend, writable, reactor: None, bitmaps: Vec::new(), allocation_depth: false }
+    }
+}
+
+/// A dirty bitmap an export publishes. It is busy for as long as the
+/// export exists (the last connection to a deleted export may outlive the
+/// command that deleted it), so commands can neither change nor remove it
+/// while clients read it.
+pub struct ExportedBitmap {
+    bitmap: Arc<Bitmap>,
+}
+
+impl ExportedBitmap {
+    /// Marks `bitmap` busy; the caller has checked that it was free.
+    pub fn new(bitmap: Arc<Bitmap>) -> ExportedBitmap {
+        bitmap.set_busy(true);
+        ExportedBitmap { bitmap }
+    }
+
+    pub fn bitmap(&self) -> &Arc<Bitmap> {
+        &self.bitmap
+    }
+
+    /// `qemu:dirty-bitmap:NAME`.
+    pub fn context_name(&self) -> String {
+        format!("{}{}", crate::consts::DIRTY_BITMAP_PREFIX, self.bitmap.name().unwrap_or_default())
+    }
+}
+
+impl Drop for ExportedBitmap {
+    fn drop(&mut self) {
+        self.bitmap.set_busy(false);
     }
 }
 

@@ -15,13 +15,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 
-use bdev::{BackendChannel, Done, Io, IoDone, IoError, IoFlags};
+use bdev::{BackendChannel, BlockStatus, DirtyBits, Done, Io, IoDone, IoError, IoFlags, Node};
 use reactor::{IoBuf, LocalNotify};
 use slab::Slab;
 
-use super::negotiate::{BASE_ALLOCATION_ID, PAYLOAD_BYTES_MAX, Session};
-use crate::consts::{cmd, cmd_flags, errno, reply_flags, state};
+use super::negotiate::{Context, PAYLOAD_BYTES_MAX, Session};
+use crate::consts::{cmd, cmd_flags, errno, qemu_state, reply_flags, state};
 use crate::sock::Sock;
 use crate::transmission::{
     Extent, ReplyTarget, Request, RequestDecoder, encode_block_status, encode_error_chunk, encode_offset_data_header,
@@ -70,9 +71,21 @@ pub enum TransmitError {
 }
 
 enum Reply {
-    Simple { cookie: u64, error: u32 },
-    Read { cookie: u64, offset: u64, result: Result<IoBuf, u32> },
-    Status { cookie: u64, offset: u64, result: Result<Vec<Extent>, u32> },
+    Simple {
+        cookie: u64,
+        error: u32,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        result: Result<IoBuf, u32>,
+    },
+    /// One list of extents per selected context: (context id, extents).
+    Status {
+        cookie: u64,
+        offset: u64,
+        result: Result<Vec<(u32, Vec<Extent>)>, u32>,
+    },
 }
 
 struct Pending {
@@ -290,7 +303,7 @@ async fn handle(
             Io::write_zeroes(req.offset, len, flags)
         }
         cmd::BLOCK_STATUS => {
-            if !s.base_allocation || len == 0 || !in_bounds {
+            if s.contexts.is_empty() || len == 0 || !in_bounds {
                 conn.reply_now(&req, errno::EINVAL);
                 return Ok(true);
             }
@@ -314,37 +327,152 @@ async fn handle(
     Ok(true)
 }
 
-/// Answers a block status request from a task (it may need metadata I/O).
+/// Extents of one context's answer, as QEMU builds them: a run with the
+/// flags of the previous extent extends it, and once the list is full (one
+/// extent with `NBD_CMD_FLAG_REQ_ONE`) the answer ends where the flags
+/// change, short of the request's end.
+struct ExtentList {
+    extents: Vec<Extent>,
+    max: usize,
+}
+
+impl ExtentList {
+    fn new(one: bool) -> ExtentList {
+        ExtentList { extents: Vec::new(), max: if one { 1 } else { STATUS_EXTENTS_MAX } }
+    }
+
+    /// Adds `len` bytes with `flags`; false when they did not fit.
+    fn add(&mut self, len: u64, flags: u64) -> bool {
+        debug_assert!(len > 0 && len <= u64::from(u32::MAX), "runs are cut at the request's 32-bit length");
+        if let Some(last) = self.extents.last_mut()
+            && last.flags == flags
+            && last.length + len <= u64::from(u32::MAX)
+        {
+            last.length += len;
+            return true;
+        }
+        if self.extents.len() >= self.max {
+            return false;
+        }
+        self.extents.push(Extent { length: len, flags });
+        true
+    }
+}
+
+/// The exported chain as QEMU numbers its layers for
+/// `qemu:allocation-depth`. QEMU walks from the exported node down
+/// filters and backing files, counting every node it passes, filters
+/// included; a node's own answer looks through filters and through a raw
+/// format node to the node below, but a raw node has no backing file of
+/// its own, so the walk ends there. Block status here counts backing
+/// files only and looks through every pass-through node, so:
+///
+/// | held by | block status depth | QEMU's layer |
+/// |---|---|---|
+/// | the first format node below the filters | 0 | 1 |
+/// | its k-th backing file, `filters` filters above it | k | filters + k + 1 |
+/// | anything below a raw node's first layer | k ≥ 1 | 0 (the walk ended) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layers {
+    /// Filter nodes above the first node that is not one.
+    filters: u32,
+    /// That node has a backing file the walk continues into.
+    backed: bool,
+}
+
+impl Layers {
+    fn of(root: &Arc<Node>) -> Layers {
+        let mut node = Arc::clone(root);
+        let mut filters = 0;
+        while node.bdev().is_filter()
+            && let Some(below) = node.chain_next()
+        {
+            filters += 1;
+            node = below;
+        }
+        let backed = node.children().iter().any(|(role, _)| *role == "backing");
+        Layers { filters, backed }
+    }
+
+    fn depth(self, st: &BlockStatus) -> u32 {
+        match (st.allocated, st.depth) {
+            (false, _) => qemu_state::UNALLOCATED,
+            (true, 0) => 1,
+            (true, k) if self.backed => self.filters + k + 1,
+            (true, _) => qemu_state::UNALLOCATED,
+        }
+    }
+}
+
+/// A status query's answer as flags of one context.
+fn status_flags(context: Context, layers: Layers, st: &BlockStatus) -> u64 {
+    match context {
+        Context::BaseAllocation => {
+            u64::from(if st.data { 0 } else { state::HOLE } | if st.zero { state::ZERO } else { 0 })
+        }
+        Context::AllocationDepth => u64::from(layers.depth(st)),
+        Context::Bitmap(_) => unreachable!("bitmaps are answered from their bits"),
+    }
+}
+
+/// `base:allocation` or `qemu:allocation-depth` for `[offset, end)`, from
+/// the node's block status.
+async fn status_extents(conn: &Conn, context: Context, offset: u64, end: u64, one: bool) -> Result<Vec<Extent>, u32> {
+    // What the export serves now (a job may have moved it).
+    let layers = Layers::of(&conn.session.export.backend.root());
+    let mut list = ExtentList::new(one);
+    let mut pos = offset;
+    while pos < end {
+        let st = conn.ch.block_status(pos, end - pos).await.map_err(|e| nbd_errno(e, false))?;
+        if !list.add(st.len, status_flags(context, layers, &st)) {
+            break;
+        }
+        pos += st.len;
+    }
+    Ok(list.extents)
+}
+
+/// `qemu:dirty-bitmap:` for `[offset, end)`: dirty or clean runs at the
+/// bitmap's granularity, the first and last cut at the request.
+fn bitmap_extents(bits: &DirtyBits, offset: u64, end: u64, one: bool) -> Vec<Extent> {
+    let mut list = ExtentList::new(one);
+    let mut pos = offset;
+    while pos < end {
+        let (dirty, run_end) = bits.run_at(pos, end);
+        let flags = if dirty { qemu_state::DIRTY } else { 0 };
+        if !list.add(run_end - pos, u64::from(flags)) {
+            break;
+        }
+        pos = run_end;
+    }
+    list.extents
+}
+
+/// Answers a block status request from a task (it may need metadata I/O):
+/// one list of extents per selected context.
 fn block_status(conn: &Rc<Conn>, req: &Request) {
     conn.admit(0);
-    let (conn, cookie, offset, len) = (Rc::clone(conn), req.cookie, req.offset, req.length);
+    let (conn, cookie, offset, end) = (Rc::clone(conn), req.cookie, req.offset, req.offset + req.length);
     let one = req.flags & cmd_flags::REQ_ONE != 0;
     reactor::spawn_local(async move {
-        let mut extents: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        let end = offset + len;
+        let mut answers = Vec::with_capacity(conn.session.contexts.len());
         let mut result = Ok(());
-        while pos < end && extents.len() < STATUS_EXTENTS_MAX {
-            let st = match conn.ch.block_status(pos, end - pos).await {
-                Ok(st) => st,
+        for &context in &conn.session.contexts {
+            let extents = match context {
+                Context::Bitmap(i) => {
+                    Ok(bitmap_extents(conn.session.export.bitmaps[i].bitmap().bits(), offset, end, one))
+                }
+                _ => status_extents(&conn, context, offset, end, one).await,
+            };
+            match extents {
+                Ok(e) => answers.push((context.id(), e)),
                 Err(e) => {
-                    result = Err(nbd_errno(e, false));
+                    result = Err(e);
                     break;
                 }
-            };
-            let flags = u64::from(if st.data { 0 } else { state::HOLE } | if st.zero { state::ZERO } else { 0 });
-            match extents.last_mut() {
-                Some(last) if last.flags == flags && last.length + st.len <= u64::from(u32::MAX) => {
-                    last.length += st.len
-                }
-                _ => extents.push(Extent { length: st.len.min(u64::from(u32::MAX)), flags }),
-            }
-            pos += st.len;
-            if one {
-                break;
             }
         }
-        conn.queue(Reply::Status { cookie, offset, result: result.map(|()| extents) }, 0);
+        conn.queue(Reply::Status { cookie, offset, result: result.map(|()| answers) }, 0);
     });
 }
 
@@ -417,9 +545,14 @@ async fn write_loop(conn: Rc<Conn>, sock: Sock) {
                         headers.extend_from_slice(&encode_simple_reply(error, cookie));
                     }
                 }
-                Reply::Status { cookie, offset, result: Ok(extents) } => {
+                Reply::Status { cookie, offset, result: Ok(answers) } => {
+                    // One chunk per context; the last one ends the reply.
                     let t = ReplyTarget { cookie, offset, extended: false };
-                    let _ = encode_block_status(t, reply_flags::DONE, BASE_ALLOCATION_ID, &extents, &mut headers);
+                    let last = answers.len().saturating_sub(1);
+                    for (i, (id, extents)) in answers.iter().enumerate() {
+                        let flags = if i == last { reply_flags::DONE } else { 0 };
+                        let _ = encode_block_status(t, flags, *id, extents, &mut headers);
+                    }
                 }
             }
             segs.push((0, start, headers.len() - start));
@@ -449,6 +582,50 @@ mod tests {
 
     fn simple() -> (Reply, u64) {
         (Reply::Simple { cookie: 1, error: 0 }, 0)
+    }
+
+    fn runs(extents: &[Extent]) -> Vec<(u64, u64)> {
+        extents.iter().map(|e| (e.length, e.flags)).collect()
+    }
+
+    #[test]
+    fn bitmap_extents_follow_the_granularity_inside_and_the_request_at_its_ends() {
+        let bits = DirtyBits::new(1 << 20, 65536);
+        bits.set_range(65536, 1);
+        bits.set_range(3 * 65536, 2 * 65536);
+        assert_eq!(
+            runs(&bitmap_extents(&bits, 1000, 6 * 65536 + 5, false)),
+            [(65536 - 1000, 0), (65536, 1), (65536, 0), (2 * 65536, 1), (65536 + 5, 0)]
+        );
+        assert_eq!(runs(&bitmap_extents(&bits, 65536 + 10, 65536 + 100, false)), [(90, 1)]);
+        assert_eq!(runs(&bitmap_extents(&bits, 0, 1 << 20, true)), [(65536, 0)], "REQ_ONE: the first run");
+        assert_eq!(runs(&bitmap_extents(&bits, 5 * 65536, 1 << 20, false)), [(11 * 65536, 0)]);
+        // An export larger than the bitmap (a bitmap of a smaller backing file).
+        let small = DirtyBits::new(100_000, 4096);
+        small.set_all();
+        assert_eq!(runs(&bitmap_extents(&small, 90_000, 200_000, false)), [(10_000, 1), (100_000, 0)]);
+    }
+
+    #[test]
+    fn a_full_extent_list_takes_only_runs_that_extend_its_last_extent() {
+        let mut l = ExtentList::new(true);
+        assert!(l.add(10, 1) && l.add(20, 1));
+        assert!(!l.add(5, 0));
+        assert_eq!(runs(&l.extents), [(30, 1)]);
+        let mut l = ExtentList::new(false);
+        assert!(l.add(u64::from(u32::MAX) - 1, 0) && l.add(2, 0));
+        assert_eq!(runs(&l.extents), [(u64::from(u32::MAX) - 1, 0), (2, 0)], "lengths stay within 32 bits");
+    }
+
+    #[test]
+    fn layers_are_numbered_as_qemu_numbers_them() {
+        let st = |allocated, depth| BlockStatus { allocated, depth, ..BlockStatus::unallocated(1) };
+        let chain = Layers { filters: 0, backed: true };
+        assert_eq!([chain.depth(&st(false, 2)), chain.depth(&st(true, 0)), chain.depth(&st(true, 2))], [0, 1, 3]);
+        let filtered = Layers { filters: 2, backed: true };
+        assert_eq!([filtered.depth(&st(true, 0)), filtered.depth(&st(true, 1))], [1, 4]);
+        let raw_over_chain = Layers { filters: 1, backed: false };
+        assert_eq!([raw_over_chain.depth(&st(true, 0)), raw_over_chain.depth(&st(true, 1))], [1, 0]);
     }
 
     #[test]

@@ -30,14 +30,14 @@ fn find(node: &Node, name: &str) -> Result<Arc<Bitmap>, RpcError> {
 
 /// What a command may do to a bitmap (QEMU's bdrv_dirty_bitmap_check).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Use {
+pub(super) enum Use {
     /// Change its bits or its recording: not busy, not inconsistent.
     Modify,
     /// Remove it, or turn recording on or off: not busy.
     Manage,
 }
 
-fn check(b: &Bitmap, what: Use) -> Result<(), RpcError> {
+pub(super) fn check(b: &Bitmap, what: Use) -> Result<(), RpcError> {
     let name = b.name().unwrap_or_default();
     if b.busy() {
         return Err(RpcError::failed(format!(

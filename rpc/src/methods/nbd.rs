@@ -5,12 +5,13 @@
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
-use bdev::{Access, Backend};
-use nbd::server::{CONNECTIONS_MAX_DEFAULT, Export, ListenAddr, NbdServer};
+use bdev::{Access, Backend, Bitmap, Node};
+use nbd::server::{CONNECTIONS_MAX_DEFAULT, Export, ExportedBitmap, ListenAddr, NbdServer};
 use reactor::Handle;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::bitmaps::{self, Use};
 use crate::control::{Control, ExportRecord, bdev_error};
 use crate::error::RpcError;
 use crate::registry::decode;
@@ -130,10 +131,105 @@ struct ExportAddParams {
     fixed_iothread: Option<bool>,
     #[serde(default)]
     iothread: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     bitmaps: Option<Vec<Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     allocation_depth: Option<bool>,
+}
+
+/// An optional member that may be absent but not null (QEMU refuses null
+/// where it wants an array or a boolean).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// One entry of an export's `bitmaps` (QEMU's BlockDirtyBitmapOrStr).
+enum BitmapRef {
+    /// A bitmap of the exported node, or of a node further down its chain
+    /// (a filter's child, a backing file), the nearest first.
+    Local(String),
+    /// The bitmap `name` of node `node`.
+    External { node: String, name: String },
+}
+
+/// The metadata contexts an export publishes besides `base:allocation`.
+#[derive(Default)]
+struct Contexts {
+    bitmaps: Vec<BitmapRef>,
+    allocation_depth: bool,
+}
+
+/// Reads `bitmaps` entries, with QEMU's words for malformed ones.
+fn parse_bitmap_refs(list: &[Value]) -> Result<Vec<BitmapRef>, RpcError> {
+    let mut refs = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let r = match v {
+            Value::String(name) => BitmapRef::Local(name.clone()),
+            Value::Object(m) => {
+                let member = |k: &str| match m.get(k) {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(_) => Err(RpcError::invalid_params(format!(
+                        "Invalid parameter type for 'bitmaps[{i}].{k}', expected: string"
+                    ))),
+                    None => Err(RpcError::invalid_params(format!("Parameter 'bitmaps[{i}].{k}' is missing"))),
+                };
+                let (node, name) = (member("node")?, member("name")?);
+                if let Some(k) = m.keys().find(|k| !matches!(k.as_str(), "node" | "name")) {
+                    return Err(RpcError::invalid_params(format!("Parameter 'bitmaps[{i}].{k}' is unexpected")));
+                }
+                BitmapRef::External { node, name }
+            }
+            // QEMU 10 names no member here: its words, as they are.
+            _ => {
+                return Err(RpcError::invalid_params(
+                    "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
+                ));
+            }
+        };
+        refs.push(r);
+    }
+    Ok(refs)
+}
+
+/// Finds the bitmaps an export publishes and checks them as QEMU does. A
+/// bare name is looked for on the exported node, then down its chain; a
+/// recording bitmap of a writable node would change under a read-only
+/// export's clients, so it is refused there. Any bitmap must be free (not
+/// used by a job or another export) and consistent.
+fn resolve_bitmaps(
+    ctl: &Control,
+    node: &Arc<Node>,
+    refs: &[BitmapRef],
+    writable: bool,
+) -> Result<Vec<Arc<Bitmap>>, RpcError> {
+    let mut found = Vec::with_capacity(refs.len());
+    for r in refs {
+        let bitmap = match r {
+            BitmapRef::Local(name) => {
+                let mut at = Some(Arc::clone(node));
+                let (owner, bitmap) = loop {
+                    let Some(n) = at else {
+                        return Err(RpcError::failed(format!("Bitmap '{name}' is not found")));
+                    };
+                    if let Some(b) = n.bitmaps().find(name) {
+                        break (n, b);
+                    }
+                    at = n.chain_next();
+                };
+                if !writable && !owner.read_only() && bitmap.recording() {
+                    return Err(RpcError::failed(format!("Enabled bitmap '{name}' incompatible with readonly export")));
+                }
+                bitmap
+            }
+            BitmapRef::External { node, name } => {
+                let n = ctl.graph.get(node).map_err(|_| RpcError::failed(format!("Node '{node}' not found")))?;
+                n.bitmaps().find(name).ok_or_else(|| RpcError::failed(format!("Dirty bitmap '{name}' not found")))?
+            }
+        };
+        bitmaps::check(&bitmap, Use::Modify)?;
+        found.push(bitmap);
+    }
+    Ok(found)
 }
 
 pub(super) fn block_export_add(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
@@ -142,12 +238,10 @@ pub(super) fn block_export_add(ctl: &mut Control, params: Option<Value>) -> Resu
     if p.kind != "nbd" {
         return Err(RpcError::invalid_params(format!("Parameter 'type' does not accept value '{}'", p.kind)));
     }
-    if p.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(RpcError::invalid_params("exporting bitmaps is not supported yet"));
-    }
-    if p.allocation_depth == Some(true) {
-        return Err(RpcError::invalid_params("the qemu:allocation-depth context is not supported"));
-    }
+    let contexts = Contexts {
+        bitmaps: parse_bitmap_refs(p.bitmaps.as_deref().unwrap_or_default())?,
+        allocation_depth: p.allocation_depth.unwrap_or(false),
+    };
     let _ = p.writethrough;
     let name = p.name.unwrap_or_else(|| p.node_name.clone());
     check_export(ctl, &p.id, &name)?;
@@ -157,7 +251,7 @@ pub(super) fn block_export_add(ctl: &mut Control, params: Option<Value>) -> Resu
         None => None,
     };
     let writable = p.writable.unwrap_or(false);
-    add_export(ctl, p.id, name, p.node_name, p.description, writable, reactor, original)
+    add_export(ctl, p.id, name, p.node_name, p.description, writable, reactor, contexts, original)
 }
 
 /// An export's `iothread`: the node moves there (QEMU moves the node to
@@ -205,14 +299,20 @@ fn add_export(
     description: Option<String>,
     writable: bool,
     reactor: Option<Handle>,
+    contexts: Contexts,
     original: Value,
 ) -> Result<Value, RpcError> {
     check_export(ctl, &id, &name)?;
     let node = ctl.graph.get(&node_name).map_err(bdev_error)?;
     let access = if writable { Access::Write } else { Access::Read };
     let backend = Backend::new(&node, format!("export '{id}'"), access).map_err(bdev_error)?;
+    // Checked after the node is claimed, as QEMU does; a refusal drops the claim.
+    let bitmaps = resolve_bitmaps(ctl, &node, &contexts.bitmaps, writable)?;
     let mut export = Export::new(id.clone(), name.clone(), description, Arc::clone(&backend), writable);
     export.reactor = reactor;
+    // Busy from here until the export is gone.
+    export.bitmaps = bitmaps.into_iter().map(ExportedBitmap::new).collect();
+    export.allocation_depth = contexts.allocation_depth;
     let export = Arc::new(export);
     ctl.exports.insert(export);
     ctl.export_records.insert(id, ExportRecord { name, backend, config: original });
@@ -289,12 +389,15 @@ struct LegacyAddParams {
 /// QEMU's older `nbd-server-add`: the export id is its name.
 pub(super) fn nbd_server_add(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
     let p: LegacyAddParams = decode(params)?;
-    if p.bitmap.is_some() {
-        return Err(RpcError::invalid_params("exporting bitmaps is not supported yet"));
-    }
     let name = p.name.unwrap_or_else(|| p.device.clone());
-    let config = json!({"type": "nbd", "id": name, "node-name": p.device, "name": name, "writable": p.writable.unwrap_or(false)});
-    add_export(ctl, name.clone(), name, p.device, p.description, p.writable.unwrap_or(false), None, config)
+    let mut config = json!({"type": "nbd", "id": name, "node-name": p.device, "name": name, "writable": p.writable.unwrap_or(false)});
+    // Its one `bitmap` is a `bitmaps` of one name.
+    let contexts =
+        Contexts { bitmaps: p.bitmap.iter().cloned().map(BitmapRef::Local).collect(), allocation_depth: false };
+    if let Some(b) = &p.bitmap {
+        config["bitmaps"] = json!([b]);
+    }
+    add_export(ctl, name.clone(), name, p.device, p.description, p.writable.unwrap_or(false), None, contexts, config)
 }
 
 pub(super) fn nbd_server_remove(ctl: &mut Control, params: Option<Value>) -> Result<Value, RpcError> {
