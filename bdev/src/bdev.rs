@@ -53,7 +53,7 @@ pub trait Bdev: Send + Sync + 'static {
 
     /// Passes every request on to its one child (QEMU's filter drivers):
     /// what walks down a chain, such as finding a bitmap by name, walks
-    /// through it.
+    /// through it; a filter cannot be a snapshot's overlay.
     fn is_filter(&self) -> bool {
         false
     }
@@ -76,12 +76,6 @@ pub trait Bdev: Send + Sync + 'static {
     /// a running disk). Formats without a backing file refuse.
     fn attach_backing(&self, _backing: Option<&Arc<Node>>) -> Result<(), BdevError> {
         Err(BdevError::invalid("The overlay does not support backing images"))
-    }
-
-    /// A filter: passes requests on to one child (QEMU refuses filters
-    /// as snapshot overlays).
-    fn is_filter(&self) -> bool {
-        false
     }
 
     /// Whether the format can have a backing file at all.

@@ -161,7 +161,7 @@ fn set_rules_replaces_and_clears_the_rules() {
     env.on(1, &dbg, |ch| async move { write(&ch, 0, 512, 10).await.unwrap() });
     // Bad rules leave the old ones in place.
     let err = blkdebug::set_rules(&dbg, json!([{"event": "bogus"}])).unwrap_err();
-    assert_eq!(err.to_string(), "Parameter 'inject-error[0].event' does not accept value 'bogus'");
+    assert_eq!(err.to_string(), "Parameter 'event' does not accept value 'bogus'");
     let err = blkdebug::set_rules(&image, json!([])).unwrap_err();
     assert_eq!(err.to_string(), "Node 'm0' is not a blkdebug node (driver 'malloc')");
 }
@@ -174,7 +174,7 @@ fn an_unknown_event_is_a_clear_error() {
         .add(json!({"driver": "blkdebug", "node-name": "d0", "image": {"driver": "malloc", "size": SIZE},
             "inject-error": [{"event": "read_aoi"}]}))
         .unwrap_err();
-    assert_eq!(err.to_string(), "Parameter 'inject-error[0].event' does not accept value 'read_aoi'");
+    assert_eq!(err.to_string(), "Parameter 'event' does not accept value 'read_aoi'");
     // Nothing was left behind.
     assert!(env.graph.is_empty());
 }

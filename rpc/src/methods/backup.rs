@@ -149,9 +149,7 @@ fn bitmap_settings(source: &Node, p: &BackupParams) -> Result<Copying, RpcError>
                 )));
             }
             if b.inconsistent() {
-                return Err(RpcError::failed(format!(
-                    "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
-                )));
+                return Err(RpcError::failed(format!("Bitmap '{name}' is inconsistent and cannot be used")));
             }
             if sync == Sync::None {
                 return Err(RpcError::failed("sync mode 'none' does not produce meaningful bitmap outputs"));

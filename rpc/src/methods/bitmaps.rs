@@ -45,9 +45,7 @@ pub(super) fn check(b: &Bitmap, what: Use) -> Result<(), RpcError> {
         )));
     }
     if what == Use::Modify && b.inconsistent() {
-        return Err(RpcError::failed(format!(
-            "Bitmap '{name}' is inconsistent and cannot be used\\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
-        )));
+        return Err(RpcError::failed(format!("Bitmap '{name}' is inconsistent and cannot be used")));
     }
     Ok(())
 }
