@@ -78,6 +78,12 @@ pub trait Bdev: Send + Sync + 'static {
         Err(BdevError::invalid("The overlay does not support backing images"))
     }
 
+    /// A copy-before-write filter's state: its id and home reactor (what
+    /// `snapshot-access` reads through).
+    fn cbw_state(&self) -> Option<(u64, reactor::Handle)> {
+        None
+    }
+
     /// Whether the format can have a backing file at all.
     fn supports_backing(&self) -> bool {
         false

@@ -171,6 +171,11 @@ impl Node {
         self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter().fold(Perms::NONE, |u, c| u.union(c.perms))
     }
 
+    /// What this node's claim on its child `role` holds.
+    pub fn child_perms(&self, role: &str) -> Option<Perms> {
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|c| c.role == role).map(|c| c.claim.perms())
+    }
+
     /// True when `other` is this node or below it.
     pub fn reaches(&self, other: &Node) -> bool {
         self.id == other.id || self.children().iter().any(|(_, c)| c.reaches(other))
@@ -418,6 +423,12 @@ impl OpenCtx<'_> {
         let claim = node.claim_as_child(format!("node '{}' ({role} child)", self.node_name), perms)?;
         self.children.push(Child { role, claim });
         Ok(node)
+    }
+
+    /// A node already in the graph (options that name other nodes, such as
+    /// a bitmap's).
+    pub fn node(&self, name: &str) -> Result<Arc<Node>, BdevError> {
+        self.graph.get(name)
     }
 
     /// Where events go, if anywhere.
@@ -826,28 +837,42 @@ impl Graph {
             return Err(BdevError::invalid(format!("Node '{}' is still written by its users", node.name)));
         }
         node.demoted.store(true, Ordering::Relaxed);
-        // The format's file is then only read: its claim is taken again
-        // without write (the old one goes first, or the two would conflict).
-        let mut children = node.children.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = children.iter().position(|c| c.role == "file" && c.claim.perms().writes()) {
-            let old = children.remove(i);
-            let (file, p) = (Arc::clone(old.node()), old.claim.perms());
-            let holder = format!("node '{}' (file child)", node.name);
-            drop(old);
-            let reading = Perms { perm: p.perm & !perm::WRITES, shared: p.shared };
-            let claim = match file.claim_as_child(holder.clone(), reading) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(node = %node.name, error = %e, "reading the file of a read-only node failed");
-                    file.claim_as_child(holder, p)?
-                }
-            };
-            children.push(Child { role: "file", claim });
-            if !file.perms_in_use().writes() {
-                file.demoted.store(true, Ordering::Relaxed);
+        // The format's file is then only read.
+        let file = node.children().into_iter().find(|(r, _)| *r == "file").map(|(_, f)| f);
+        let writes = node.child_perms("file").is_some_and(Perms::writes);
+        if let (Some(f), true) = (file, writes) {
+            let p = node.child_perms("file").unwrap_or(Perms::NONE);
+            self.reclaim_child(node, "file", Perms { perm: p.perm & !perm::WRITES, shared: p.shared })?;
+            if !f.perms_in_use().writes() {
+                f.demoted.store(true, Ordering::Relaxed);
             }
         }
         Ok(())
+    }
+
+    /// Claims `node`'s child `role` again with `perms` (stricter or looser
+    /// than before): the old claim goes first, since the two could conflict;
+    /// if the new one is refused, the old one is taken back.
+    pub fn reclaim_child(&mut self, node: &Arc<Node>, role: &'static str, perms: Perms) -> Result<(), BdevError> {
+        let mut children = node.children.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = children.iter().position(|c| c.role == role) else {
+            return Err(BdevError::invalid(format!("Node '{}' has no {role} child", node.name)));
+        };
+        let old = children.remove(i);
+        let (child, was) = (Arc::clone(old.node()), old.claim.perms());
+        let holder = format!("node '{}' ({role} child)", node.name);
+        drop(old);
+        match child.claim_as_child(holder.clone(), perms) {
+            Ok(claim) => {
+                children.insert(i, Child { role, claim });
+                Ok(())
+            }
+            Err(e) => {
+                let claim = child.claim_as_child(holder, was)?;
+                children.insert(i, Child { role, claim });
+                Err(e)
+            }
+        }
     }
 
     /// Holds every user whose root reaches one of `nodes` (see

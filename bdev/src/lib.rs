@@ -39,6 +39,7 @@ mod align;
 pub mod backend;
 pub mod bdev;
 pub mod bitmap;
+pub mod cbw;
 pub mod channel;
 pub mod drivers;
 pub mod error;

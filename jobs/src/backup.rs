@@ -20,6 +20,10 @@
 //! holds the point in time whatever the order. Ranges that read as zeroes
 //! are written as zeroes, not copied byte by byte.
 //!
+//! The copy state and the filter are [`bdev::cbw`]'s, which the
+//! `copy-before-write` driver (fleecing) uses too; the job adds the
+//! background copy, progress and the bitmaps.
+//!
 //! With a user's bitmap the job freezes it (busy, not recording) and lets
 //! an anonymous successor record the writes from the start on; at the end
 //! QEMU's `bitmap-mode` decides: `on-success` keeps only the successor's
@@ -31,16 +35,11 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bdev::forward::ForwardChannel;
+use bdev::cbw::{self, Cbw, CbwBdev, CbwObserver, CbwSettings, OnCbwError};
 use bdev::lock::perm;
-use bdev::locks::RangeLocks;
-use bdev::{
-    Bdev, BdevError, BdevInfo, Bitmap, BlockChannel, BlockStatus, Channel, Child, Claim, DirtyBits, Done, Graph, Io,
-    IoError, IoFlags, LocalBoxFuture, Node, Perms,
-};
+use bdev::{BdevError, Bitmap, Child, Claim, DirtyBits, Graph, Node, Perms};
 use reactor::Handle;
 
 use crate::copies::Copies;
@@ -48,22 +47,24 @@ use crate::job::{ErrorAction, JobCtx, JobShared, JobType, OnError};
 use crate::manager::{JobError, JobHooks, JobManager, NewJob};
 use crate::mirror::{GraphFn, move_users};
 
-/// Smallest backup cluster (QEMU's BACKUP_CLUSTER_SIZE_DEFAULT).
-pub const CLUSTER_MIN: u64 = 64 << 10;
 /// Bytes one background copy moves at most (without `x-perf.max-chunk`).
 pub const CHUNK_DEFAULT: u64 = 1 << 20;
 /// How long the job sleeps when everything left is being copied by clients' writes.
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 
-static NEXT_FILTER: AtomicU64 = AtomicU64::new(1);
-
 thread_local! {
-    /// Copy states whose home is this reactor.
-    static COPIERS: RefCell<HashMap<u64, Rc<Copier>>> = RefCell::new(HashMap::new());
+    /// The jobs' observers of their filters, on the filters' home reactor.
+    static OBSERVERS: RefCell<HashMap<u64, Rc<JobObserver>>> = RefCell::new(HashMap::new());
 }
 
-fn copier(id: u64) -> Option<Rc<Copier>> {
-    COPIERS.with(|m| m.borrow().get(&id).cloned())
+fn observer(id: u64) -> Option<Rc<JobObserver>> {
+    OBSERVERS.with(|m| m.borrow().get(&id).cloned())
+}
+
+/// Drops a backup's copy state and observer (on their home reactor).
+fn forget(id: u64) {
+    cbw::unregister(id);
+    OBSERVERS.with(|m| m.borrow_mut().remove(&id));
 }
 
 /// QEMU's `MirrorSyncMode` as backup takes it (`incremental` is `bitmap`
@@ -106,191 +107,24 @@ pub struct BackupConfig {
     pub on_end: Option<GraphFn>,
 }
 
-/// The copy state, on the job's home reactor, shared by the filter and the job.
-struct Copier {
+/// The job's side of the copies clients' writes make: progress, and a
+/// wake-up when the job waits for them.
+struct JobObserver {
     job: Arc<JobShared>,
-    source: BlockChannel,
-    target: BlockChannel,
-    /// Clusters still to copy.
-    bits: Arc<DirtyBits>,
-    cluster: u64,
-    locks: Rc<RangeLocks>,
-    /// `sync=top`: only what the source's own layer holds is copied.
-    top_only: bool,
-    discard_source: bool,
     /// The job sleeps waiting for a client write to finish its copy.
-    job_waiting: Cell<bool>,
+    waiting: Cell<bool>,
 }
 
-impl Copier {
-    /// Clusters touched by `[offset, offset + len)`.
-    fn span(&self, offset: u64, len: u64) -> (u64, u64) {
-        let end = (offset + len).min(self.bits.size());
-        (offset / self.cluster, end.div_ceil(self.cluster))
+impl CbwObserver for JobObserver {
+    fn copied(&self, bytes: u64) {
+        self.job.lock().current += bytes;
     }
 
-    /// Copies the clusters of `[a, b)` that are still marked; the caller
-    /// holds their range lock. A failed run is marked again. Returns the
-    /// bytes copied (or skipped as not to be copied).
-    async fn copy_locked(&self, a: u64, b: u64) -> Result<u64, (bool, IoError)> {
-        let mut done = 0;
-        let mut c = a;
-        while let Some(hit) = self.bits.scan(c, b) {
-            let n = self.bits.run_len(hit, b - hit);
-            self.bits.clear_chunks(hit, hit + n);
-            let (start, end) = (hit * self.cluster, ((hit + n) * self.cluster).min(self.bits.size()));
-            if let Err(e) = self.copy_range(start, end).await {
-                self.bits.set_chunks(hit, hit + n);
-                return Err(e);
-            }
-            done += end - start;
-            c = hit + n;
-        }
-        Ok(done)
-    }
-
-    /// Copies `[start, end)` of the source to the target.
-    async fn copy_range(&self, start: u64, end: u64) -> Result<(), (bool, IoError)> {
-        let mut pos = start;
-        while pos < end {
-            let st = self.source.block_status(pos, end - pos).await.map_err(|e| (true, e))?;
-            let len = st.len.clamp(1, end - pos);
-            if self.top_only && !(st.allocated && st.depth == 0) {
-                // The target reads this from its own backing file.
-            } else if st.zero && !st.data {
-                self.target.write_zeroes(pos, len, IoFlags::MAY_UNMAP).await.map_err(|e| (false, e))?;
-            } else {
-                let mut at = pos;
-                while at < pos + len {
-                    let n = (pos + len - at).min(bdev::IO_BYTES_MAX);
-                    let buf = self.source.read(at, n as usize).await.map_err(|e| (true, e))?;
-                    self.target.write(at, buf, IoFlags::NONE).await.1.map_err(|e| (false, e))?;
-                    at += n;
-                }
-            }
-            pos += len;
-        }
-        if self.discard_source {
-            // Best effort: what was copied is no longer needed on the source.
-            let _ = self.source.discard(start, end - start).await;
-        }
-        Ok(())
-    }
-
-    /// A write to `[offset, offset + len)` is about to reach the source:
-    /// the old data of its clusters that are still to be copied goes to the
-    /// target first (the write waits for copies already running there).
-    async fn before_write(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        let (a, b) = self.span(offset, len);
-        if a >= b || (self.bits.scan(a, b).is_none() && !self.locks.overlaps(a, b)) {
-            return Ok(());
-        }
-        let guard = self.locks.lock(a, b).await;
-        let res = self.copy_locked(a, b).await;
-        drop(guard);
-        if self.job_waiting.get() {
+    fn settled(&self) {
+        if self.waiting.get() {
             self.job.kick();
         }
-        match res {
-            Ok(n) => {
-                self.job.lock().current += n;
-                Ok(())
-            }
-            Err((read, e)) => {
-                // QEMU's on-cbw-error=break-guest-write: the client's write
-                // fails rather than the copy losing the old data.
-                tracing::warn!(job = %self.job.id, read, error = %e, "copy before write failed; the write fails");
-                Err(e)
-            }
-        }
     }
-
-    /// True when no bit is left in `[a, b)` and no copy is running there.
-    fn settled(&self, a: u64, b: u64) -> bool {
-        self.bits.scan(a, b).is_none() && !self.locks.overlaps(a, b)
-    }
-}
-
-/// The `copy-before-write` filter node over the source.
-struct CbwBdev {
-    id: u64,
-    home: Handle,
-    source: Arc<Node>,
-}
-
-impl Bdev for CbwBdev {
-    fn driver(&self) -> &'static str {
-        "copy-before-write"
-    }
-
-    fn is_filter(&self) -> bool {
-        true
-    }
-
-    fn size(&self) -> u64 {
-        self.source.size()
-    }
-
-    fn block_size(&self) -> u32 {
-        self.source.bdev().block_size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.source.read_only()
-    }
-
-    fn create_channel(self: Arc<Self>) -> Result<Rc<dyn Channel>, BdevError> {
-        let id = self.id;
-        if self.home.is_current() {
-            return Ok(Rc::new(CbwChannel { copier: copier(id).ok_or(BdevError::ReactorGone)? }));
-        }
-        let resolve = Arc::new(move || -> Result<Rc<dyn Channel>, BdevError> {
-            Ok(Rc::new(CbwChannel { copier: copier(id).ok_or(BdevError::ReactorGone)? }))
-        });
-        Ok(Rc::new(ForwardChannel::new(self.home.clone(), resolve)))
-    }
-
-    fn home(&self) -> Option<Handle> {
-        Some(self.home.clone())
-    }
-
-    fn info(&self) -> BdevInfo {
-        BdevInfo { format_specific: None, ..self.source.bdev().info() }
-    }
-}
-
-struct CbwChannel {
-    copier: Rc<Copier>,
-}
-
-impl Channel for CbwChannel {
-    fn submit(&self, io: Io, done: Done) {
-        let c = &self.copier;
-        let (a, b) = c.span(io.offset, io.len);
-        // Reads, flushes and writes to clusters already copied go straight on.
-        if !io.kind.is_write() || a >= b || c.settled(a, b) {
-            return c.source.submit(io, done);
-        }
-        let c = Rc::clone(c);
-        reactor::spawn_local(async move {
-            if let Err(e) = c.before_write(io.offset, io.len).await {
-                return done.complete(io, Err(e));
-            }
-            let (io, res) = c.source.submit_io(io).await;
-            done.complete(io, res);
-        });
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> LocalBoxFuture<Result<BlockStatus, IoError>> {
-        let ch = self.copier.source.clone();
-        Box::pin(async move { ch.block_status(offset, len).await })
-    }
-}
-
-/// The backup cluster size: the target's cluster size, at least 64 KiB.
-fn cluster_size(target: &Node) -> u64 {
-    let cs = target.bdev().info().format_specific.and_then(|f| f["data"]["cluster-size"].as_u64());
-    cs.unwrap_or(CLUSTER_MIN).max(CLUSTER_MIN)
 }
 
 /// Checks the settings, sets the bitmaps up, puts the filter in front of
@@ -304,7 +138,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
     if source.size() != target.size() {
         return Err(invalid("Source and target image have different sizes"));
     }
-    let cluster = cluster_size(&target);
+    let cluster = cbw::cluster_size(&target, 0);
     if cfg.max_chunk != 0 && cfg.max_chunk < cluster {
         return Err(JobError::Invalid(format!(
             "Required max-chunk ({}) is less than backup cluster size ({cluster})",
@@ -340,7 +174,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
     let frozen = cfg.bitmap.as_ref().map(|b| Frozen::new(&source, b));
 
     let home = crate::chain::home(graph, &source);
-    let id = NEXT_FILTER.fetch_add(1, Ordering::Relaxed);
+    let id = cbw::next_id();
     let job = JobShared::new(
         cfg.job_id.clone(),
         JobType::Backup,
@@ -354,18 +188,19 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
     let setup = home
         .run(move || async move {
             let (source, target) = (src.channel()?, tgt.channel()?);
-            let c = Rc::new(Copier {
-                job: j,
-                source,
-                target,
+            let settings = CbwSettings {
                 bits: b,
                 cluster,
-                locks: RangeLocks::new(),
                 top_only,
                 discard_source,
-                job_waiting: Cell::new(false),
-            });
-            COPIERS.with(|m| m.borrow_mut().insert(id, c));
+                on_error: OnCbwError::BreakGuestWrite,
+                timeout: None,
+            };
+            let state = Cbw::new(source, target, settings);
+            let obs = Rc::new(JobObserver { job: j, waiting: Cell::new(false) });
+            state.set_observer(Some(Rc::clone(&obs) as Rc<dyn CbwObserver>));
+            cbw::register(id, state);
+            OBSERVERS.with(|m| m.borrow_mut().insert(id, obs));
             Ok::<(), BdevError>(())
         })
         .wait();
@@ -373,7 +208,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
         if let Some(f) = frozen {
             f.release(&source);
         }
-        let _ = home.call(move || drop(COPIERS.with(|m| m.borrow_mut().remove(&id)))).wait();
+        let _ = home.call(move || forget(id)).wait();
     };
     match setup {
         Ok(Ok(())) => {}
@@ -394,7 +229,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
             return Err(JobError::Failed(e.to_string()));
         }
     };
-    let bdev = Arc::new(CbwBdev { id, home: home.clone(), source: Arc::clone(&source) });
+    let bdev = Arc::new(CbwBdev::new(id, home.clone(), Arc::clone(&source)));
     let filter = match graph.add_internal(cfg.filter_node_name.clone(), bdev, vec![child]) {
         Ok(n) => n,
         Err(e) => {
@@ -423,12 +258,18 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
         target_claim: Some(target_claim),
         on_end: cfg.on_end,
     };
-    let (sync, on_source_error, on_target_error, max_chunk) =
-        (cfg.sync, cfg.on_source_error, cfg.on_target_error, cfg.max_chunk);
+    let plan = Plan {
+        sync: cfg.sync,
+        total,
+        max_chunk: cfg.max_chunk,
+        on_source_error: cfg.on_source_error,
+        on_target_error: cfg.on_target_error,
+    };
     let run: crate::manager::RunFn = Box::new(move |ctx: JobCtx| {
         Box::pin(async move {
-            let c = copier(id).ok_or("the backup's copy state is gone")?;
-            run(c, ctx, sync, total, max_chunk, on_source_error, on_target_error).await
+            let c = cbw::state(id).ok_or("the backup's copy state is gone")?;
+            let o = observer(id).ok_or("the backup's copy state is gone")?;
+            run(c, o, ctx, plan).await
         })
     });
     jobs.start_shared(
@@ -449,18 +290,22 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
     .inspect_err(|_| source.set_replaced_by(None))
 }
 
-/// The background copy: every cluster left, `COPIES_MAX` copies at once,
-/// under the speed limit and the error policies. With `sync=none` there is
-/// nothing to copy: the filter works until the job is cancelled.
-async fn run(
-    c: Rc<Copier>,
-    ctx: JobCtx,
+/// What the background copy does.
+#[derive(Clone, Copy)]
+struct Plan {
     sync: BackupSync,
+    /// Bytes to copy at the start.
     total: u64,
     max_chunk: u64,
     on_source_error: OnError,
     on_target_error: OnError,
-) -> Result<(), String> {
+}
+
+/// The background copy: every cluster left, `COPIES_MAX` copies at once,
+/// under the speed limit and the error policies. With `sync=none` there is
+/// nothing to copy: the filter works until the job is cancelled.
+async fn run(c: Rc<Cbw>, o: Rc<JobObserver>, ctx: JobCtx, plan: Plan) -> Result<(), String> {
+    let Plan { sync, total, max_chunk, on_source_error, on_target_error } = plan;
     ctx.set_total(total);
     if sync == BackupSync::None {
         loop {
@@ -501,9 +346,9 @@ async fn run(
                 break;
             } else {
                 // What is left is being copied by clients' writes.
-                c.job_waiting.set(true);
+                o.waiting.set(true);
                 ctx.sleep(WAIT_SLICE).await;
-                c.job_waiting.set(false);
+                o.waiting.set(false);
             }
             continue;
         };
@@ -535,7 +380,7 @@ async fn run(
 }
 
 /// The first marked cluster at or after `from` (wrapping) that no copy holds.
-fn next_free(c: &Copier, from: u64) -> Option<u64> {
+fn next_free(c: &Cbw, from: u64) -> Option<u64> {
     let first = c.bits.next_dirty(from)?;
     let mut at = first;
     loop {
@@ -639,7 +484,7 @@ impl BackupHooks {
             }
         }
         let id = self.id;
-        let _ = self.home.call(move || drop(COPIERS.with(|m| m.borrow_mut().remove(&id)))).wait();
+        let _ = self.home.call(move || forget(id)).wait();
     }
 }
 

@@ -21,5 +21,7 @@ pub(crate) fn register_builtin(graph: &mut Graph) {
     graph.register_driver("qcow2", qcow2::open);
     graph.register_driver("blkdebug", blkdebug::open);
     graph.register_driver("delay", delay::open);
+    graph.register_driver("copy-before-write", crate::cbw::open);
+    graph.register_driver("snapshot-access", crate::cbw::open_snapshot_access);
     graph.register_driver(sim::DRIVER, sim::open);
 }

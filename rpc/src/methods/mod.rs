@@ -11,6 +11,7 @@ pub(crate) mod nbd;
 pub(crate) mod objects;
 mod perf;
 pub mod qemu_io;
+mod replace;
 mod snapshot;
 mod transaction;
 
@@ -85,6 +86,11 @@ pub fn registry() -> Registry<Control> {
         "blockdev-snapshot-sync",
         "Create a qcow2 overlay file and put it on top of a running node",
         snapshot::blockdev_snapshot_sync,
+    );
+    r.add(
+        "x-blockdev-replace",
+        "Point an export at a filter above its node, or at the node below a filter",
+        replace::x_blockdev_replace,
     );
     r.add("transaction", "Apply several actions at one instant, or none", transaction::transaction);
     r.add("drive-mirror", "Mirror a node into a new (or existing) image file", jobs::drive_mirror);

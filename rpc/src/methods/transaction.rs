@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 
 use super::backup::{self, BackupParams};
 use super::bitmaps::{self, AddParams, MergeParams, NameParams};
+use super::replace::{self, ReplaceParams};
 use super::snapshot::{self, SnapshotParams, SnapshotSyncParams};
 use crate::control::{Control, bdev_error};
 use crate::error::RpcError;
@@ -82,6 +83,9 @@ enum Kind {
     BlockdevSnapshot,
     BlockdevSnapshotSync,
     BlockdevSnapshotInternalSync,
+    BlockdevAdd,
+    #[serde(rename = "x-blockdev-replace")]
+    XBlockdevReplace,
 }
 
 impl Kind {
@@ -99,6 +103,8 @@ impl Kind {
             Kind::BlockdevSnapshot => "blockdev-snapshot",
             Kind::BlockdevSnapshotSync => "blockdev-snapshot-sync",
             Kind::BlockdevSnapshotInternalSync => "blockdev-snapshot-internal-sync",
+            Kind::BlockdevAdd => "blockdev-add",
+            Kind::XBlockdevReplace => "x-blockdev-replace",
         }
     }
 }
@@ -151,6 +157,8 @@ pub(super) enum Action {
     DriveBackup(BackupParams),
     Snapshot(SnapshotParams),
     SnapshotSync(SnapshotSyncParams),
+    BlockdevAdd(Value),
+    Replace(ReplaceParams),
 }
 
 impl Action {
@@ -180,6 +188,18 @@ impl Action {
             Kind::DriveBackup => Action::DriveBackup(at(i, data)?),
             Kind::BlockdevSnapshot => Action::Snapshot(at(i, data)?),
             Kind::BlockdevSnapshotSync => Action::SnapshotSync(at(i, data)?),
+            Kind::BlockdevAdd => match data {
+                Value::Object(_) if data.get("node-name").is_some() => Action::BlockdevAdd(data),
+                Value::Object(_) => {
+                    return Err(RpcError::invalid_params(format!("Parameter 'actions[{i}].data.node-name' is missing")));
+                }
+                _ => {
+                    return Err(RpcError::invalid_params(format!(
+                        "Invalid parameter type for 'actions[{i}].data', expected: object"
+                    )));
+                }
+            },
+            Kind::XBlockdevReplace => Action::Replace(at(i, data)?),
             Kind::BlockdevSnapshotInternalSync => {
                 return Err(RpcError::failed("Internal snapshots are not supported; use blockdev-snapshot"));
             }
@@ -187,7 +207,7 @@ impl Action {
     }
 
     /// The node names the action touches, whose users are held.
-    fn nodes(&self) -> Vec<String> {
+    fn nodes(&self, ctl: &Control) -> Vec<String> {
         match self {
             Action::Abort => Vec::new(),
             Action::BitmapAdd(p) => vec![p.node.clone()],
@@ -198,6 +218,10 @@ impl Action {
             Action::BlockdevBackup(p) | Action::DriveBackup(p) => backup::named_nodes(p),
             Action::Snapshot(p) => snapshot::named_nodes(p),
             Action::SnapshotSync(p) => snapshot::sync_named_nodes(p),
+            // The node is new: nobody uses it yet; what it opens over is
+            // held by the replace that puts it in front of users.
+            Action::BlockdevAdd(_) => Vec::new(),
+            Action::Replace(p) => replace::named_nodes(ctl, p),
         }
     }
 
@@ -214,6 +238,17 @@ impl Action {
             Action::DriveBackup(p) => backup::drive_backup_action(ctl, p),
             Action::Snapshot(p) => snapshot::blockdev_snapshot_action(ctl, p),
             Action::SnapshotSync(p) => snapshot::blockdev_snapshot_sync_action(ctl, p),
+            Action::BlockdevAdd(opts) => {
+                let node = ctl.graph.add(opts).map_err(bdev_error)?;
+                let name = node.name().to_string();
+                drop(node);
+                Ok(Applied::undone_by(move |ctl: &mut Control| {
+                    if let Err(e) = ctl.graph.remove(&name) {
+                        tracing::error!(node = %name, error = %e, "removing a node a failed transaction added failed");
+                    }
+                }))
+            }
+            Action::Replace(p) => replace::replace_action(ctl, p),
         }
     }
 }
@@ -244,7 +279,7 @@ pub(super) fn single(ctl: &mut Control, action: Action) -> Result<Value, RpcErro
 
 /// Applies `actions` as one: all of them, or none.
 fn run(ctl: &mut Control, actions: Vec<Action>, grouped: bool) -> Result<(), RpcError> {
-    let nodes: Vec<_> = actions.iter().flat_map(Action::nodes).filter_map(|n| ctl.graph.get(&n).ok()).collect();
+    let nodes: Vec<_> = actions.iter().flat_map(|a| a.nodes(ctl)).filter_map(|n| ctl.graph.get(&n).ok()).collect();
     let held = ctl.graph.hold_users(&nodes, Instant::now() + bdev::DRAIN_WAIT_MAX).map_err(bdev_error)?;
     ctl.jobs.begin_txn(grouped);
     let mut applied = Vec::with_capacity(actions.len());
