@@ -191,7 +191,9 @@ impl Action {
             Kind::BlockdevAdd => match data {
                 Value::Object(_) if data.get("node-name").is_some() => Action::BlockdevAdd(data),
                 Value::Object(_) => {
-                    return Err(RpcError::invalid_params(format!("Parameter 'actions[{i}].data.node-name' is missing")));
+                    return Err(RpcError::invalid_params(format!(
+                        "Parameter 'actions[{i}].data.node-name' is missing"
+                    )));
                 }
                 _ => {
                     return Err(RpcError::invalid_params(format!(
