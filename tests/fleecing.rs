@@ -208,3 +208,59 @@ fn on_cbw_error_breaks_the_guest_write_or_the_snapshot() {
         assert_eq!(text.contains("failed"), !guest_fails, "{mode}: {text}");
     }
 }
+
+#[test]
+fn a_pull_backup_copies_the_dirty_extents_of_the_fleece_as_the_docs_give_it() {
+    use std::os::unix::fs::FileExt;
+    // docs/nbd.md, "Pull backups": the full copy, then one transaction for
+    // the fleecing point and the bitmaps, the dirty extents pulled while
+    // the guest writes.
+    let d = Daemon::start();
+    let (_, _) = setup(&d);
+    d.ok("block-dirty-bitmap-add", json!({"node": "disk", "name": "b0"}));
+    let copy = d.path("copy.raw");
+    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(uri(&d, "disk")).arg(&copy));
+    qio(&uri(&d, "disk"), "raw", &["write -P 0x41 1M 64k", "write -P 0x42 5M 3M", "write -z 13M 1M"]);
+    d.ok(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "b1"}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk", "name": "b0"}},
+            {"type": "blockdev-add", "data": {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "tmp"}},
+            {"type": "x-blockdev-replace", "data": {"parent-type": "export", "export-id": "e", "new-child": "cbw"}},
+        ]}),
+    );
+    let point = d.path("point.raw");
+    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(uri(&d, "disk")).arg(&point));
+    d.ok("blockdev-add", json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}));
+    d.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "f", "node-name": "acc", "name": "fleece", "bitmaps": [{"node": "disk", "name": "b0"}]}),
+    );
+    // The guest goes on, over dirty and clean ranges.
+    qio(&uri(&d, "disk"), "raw", &["write -P 0x51 5M 1M", "write -P 0x52 10M 1M"]);
+    let map = run(Command::new("nbdinfo").args(["--map=qemu:dirty-bitmap:b0", "--json"]).arg(uri(&d, "fleece")));
+    let map: Value = serde_json::from_str(&map).unwrap();
+    let dirty: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == 1)
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, [(MIB, 64 << 10), (5 * MIB, 3 * MIB), (13 * MIB, MIB)], "{map}");
+    let mut client = support::nbd_client::NbdClient::connect(&d.path("nbd.sock"), "fleece").unwrap();
+    let out = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    for &(offset, len) in &dirty {
+        let data = client.read(offset, len as u32).unwrap();
+        out.write_all_at(&data, offset).unwrap();
+    }
+    drop(out);
+    client.disconnect().unwrap();
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&copy).arg(&point));
+    teardown(&d);
+    d.ok("block-dirty-bitmap-remove", json!({"node": "disk", "name": "b0"}));
+    let nodes = d.ok("query-named-block-nodes", json!({}));
+    let disk = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk").unwrap();
+    assert!(disk["dirty-bitmaps"][0]["count"].as_u64().unwrap() >= 2 * MIB, "b1 has the writes after the point");
+}
