@@ -387,3 +387,19 @@ fn a_nightly_backup_walk_through_as_the_docs_give_it() {
         run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&restored).arg(at));
     }
 }
+
+#[test]
+fn qemu_s_python_client_drives_a_full_and_an_incremental_backup() {
+    let d = Daemon::start();
+    let disk = qcow2(&d, "disk.qcow2", "16M", None);
+    qio(&disk, "qcow2", &["write -P 0x11 0 16M"]);
+    let full = qcow2(&d, "full.qcow2", "16M", None);
+    let inc = qcow2(&d, "inc.qcow2", "16M", Some(&full));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/qmp_backup.py");
+    let out = run(Command::new("python3").arg(script).arg(&d.qmp).arg(d.dir.path()));
+    assert!(out.contains("OK"), "{out}");
+    d.ok("blockdev-del", json!({"node-name": "disk"}));
+    // The incremental over the full reads as the disk does.
+    compare(&inc, &disk);
+    qio(&inc, "qcow2", &["read -P 0x22 1M 64k"]);
+}
