@@ -4,7 +4,7 @@
 //! checked with QEMU's tools against a model of what the guest was told.
 //!
 //! One test per job type: intermediate commit, active commit, stream,
-//! `blockdev-mirror` and `drive-mirror` (both with a pivot). Each runs
+//! `blockdev-mirror` and `drive-mirror` (both with a pivot), and backup. Each runs
 //! `SPINDLE_CRASH_ITERATIONS` cases (default 10); every case draws its
 //! images, write load, job options and kill moment from one seed. A failing
 //! case prints its seed and keeps its files (images, daemon log, event
@@ -109,6 +109,7 @@ enum Kind {
     Stream,
     Mirror,
     DriveMirror,
+    Backup,
 }
 
 impl Kind {
@@ -119,6 +120,7 @@ impl Kind {
             Kind::Stream => "stream",
             Kind::Mirror => "mirror",
             Kind::DriveMirror => "drive_mirror",
+            Kind::Backup => "backup",
         }
     }
     /// Mirror-like: READY, then `job-complete` moves the users.
@@ -304,6 +306,8 @@ enum Ev {
         error: u32,
     },
     JobStarted,
+    /// The command that started the job answered.
+    JobAnswered,
     /// A QMP event for the job: name and data.
     Job(String, Value),
     CompleteSent,
@@ -736,7 +740,7 @@ fn make_images(cfg: &Config, dir: &Path) -> Images {
         make_layer(cfg, &mut r, &mid, Some(&base), Fill { fill: 0x22, extents: 10, max_blocks: nb / 16, zeroes: 3 });
     let lt = make_layer(cfg, &mut r, &top, Some(&mid), Fill { fill: 0x33, extents: 6, max_blocks: nb / 32, zeroes: 0 });
     let target = match cfg.kind {
-        Kind::Mirror => {
+        Kind::Mirror | Kind::Backup => {
             let t = dir.join("tgt.qcow2");
             make_layer(cfg, &mut r, &t, None, Fill { fill: 0, extents: 0, max_blocks: 1, zeroes: 0 });
             Some(t)
@@ -764,6 +768,7 @@ fn job_command(cfg: &Config, im: &Images) -> (&'static str, Value) {
         Kind::Mirror => {
             ("blockdev-mirror", json!({"device": "top", "target": "tgt", "sync": "full", "copy-mode": cfg.copy_mode}))
         }
+        Kind::Backup => ("blockdev-backup", json!({"device": "top", "target": "tgt", "sync": "full"})),
         Kind::DriveMirror => (
             "drive-mirror",
             json!({"device": "top", "target": im.target.as_ref().unwrap(), "sync": cfg.sync,
@@ -816,7 +821,7 @@ fn run_case(cfg: &Config, dir: &Path) -> Outcome {
         json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
                "file": {"driver": "file", "filename": im.top}}),
     );
-    if cfg.kind == Kind::Mirror {
+    if matches!(cfg.kind, Kind::Mirror | Kind::Backup) {
         d.ok(
             "blockdev-add",
             json!({"driver": "qcow2", "node-name": "tgt",
@@ -859,6 +864,7 @@ fn run_case(cfg: &Config, dir: &Path) -> Outcome {
     let (cmd, args) = job_command(cfg, &im);
     shared.push(Ev::JobStarted);
     d.ok(cmd, args);
+    shared.push(Ev::JobAnswered);
     let sleep_us = |us: u64| std::thread::sleep(Duration::from_micros(us));
     let mut phase = format!("{:?}", cfg.phase).to_lowercase();
     let mut completer = None;
@@ -971,6 +977,11 @@ fn run_case(cfg: &Config, dir: &Path) -> Outcome {
 /// - Stream (mid, or mid and base, into top): top's backing file is mid or
 ///   the new base (base or none), the new one if BLOCK_JOB_COMPLETED was
 ///   seen; top through its chain holds every flushed write.
+/// - Backup (top into a fresh qcow2, `sync=full`): top's chain is unchanged
+///   and top through it holds every flushed write (the filter passed them
+///   all); the target passes `qemu-img check`, and once BLOCK_JOB_COMPLETED
+///   was seen it holds the point in time: every write flushed before the
+///   command was sent, and no write sent after it answered.
 /// - Active commit, blockdev-mirror, drive-mirror (the source is top through
 ///   its chain; the target is base on its own, the mirror target, or the
 ///   drive-mirror image through its chain, which must name the expected
@@ -1037,6 +1048,34 @@ fn check_case(cfg: &Config, im: &Images, log: &[Ev], dir: &Path) -> Outcome {
                         decode(&blk[..SECTOR as usize], b as u64 * SECTORS_PER_BLOCK)
                     );
                 }
+            }
+        }
+        Kind::Backup => {
+            assert_eq!(top_chain, chain(&[&im.top, &im.mid, &im.base]), "the source's backing chain changed");
+            view(&im.top, end, "the source").unwrap_or_else(|e| panic!("{e}"));
+            let target = im.target.clone().unwrap();
+            assert_eq!(backing_chain(&target), chain(&[&target]), "the target's backing chain");
+            out.result = "source".into();
+            if completed.is_some() {
+                // The point in time is between the command and its answer.
+                let start = log.iter().position(|e| matches!(e, Ev::JobStarted)).expect("the job started");
+                let answered = log.iter().position(|e| matches!(e, Ev::JobAnswered)).expect("the job answered");
+                view(&target, start, "the backup at its start").unwrap_or_else(|e| panic!("{e}"));
+                let last_before = log[..answered].iter().filter_map(|e| match e {
+                    Ev::Sent { id, .. } => Some(*id),
+                    _ => None,
+                });
+                let last_before = last_before.max().unwrap_or(0);
+                let backup = read_view(&target, &scratch);
+                for (i, s) in backup.chunks(SECTOR as usize).enumerate() {
+                    if let Seen::Data(id) = decode(s, i as u64) {
+                        assert!(
+                            id <= last_before,
+                            "sector {i} of the backup holds write {id}, sent after the job began"
+                        );
+                    }
+                }
+                out.result = "backed up".into();
             }
         }
         Kind::CommitActive | Kind::Mirror | Kind::DriveMirror => {
@@ -1165,6 +1204,11 @@ fn mirror() {
 #[test]
 fn drive_mirror() {
     run_kind(Kind::DriveMirror);
+}
+
+#[test]
+fn backup() {
+    run_kind(Kind::Backup);
 }
 
 /// The checker itself: lost, stale, misplaced and torn data are refused;
