@@ -211,8 +211,8 @@ fn export_commands_follow_qemu() {
     assert_eq!((code, msg.as_str()), (-17, "Block export id 'e' is already in use"));
     let (_, msg, _) = d.err("block-export-add", json!({"type": "nbd", "id": "e2", "node-name": "m", "name": "e"}));
     assert_eq!(msg, "NBD server already has export named 'e'");
-    let (code, _, _) = d.err("block-export-add", json!({"type": "nbd", "id": "e3", "node-name": "nope"}));
-    assert_eq!(code, -19);
+    let (code, msg, _) = d.err("block-export-add", json!({"type": "nbd", "id": "e3", "node-name": "nope"}));
+    assert_eq!((code, msg.as_str()), (-19, "Cannot find device='' nor node-name='nope'"));
     let (_, msg, _) = d.err("block-export-add", json!({"type": "vhost-user-blk", "id": "e4", "node-name": "m"}));
     assert!(msg.contains("does not accept value 'vhost-user-blk'"), "{msg}");
     let (code, msg, _) = d.err("blockdev-del", json!({"node-name": "m"}));

@@ -245,7 +245,11 @@ pub(super) fn block_export_add(ctl: &mut Control, params: Option<Value>) -> Resu
     let _ = p.writethrough;
     let name = p.name.unwrap_or_else(|| p.node_name.clone());
     check_export(ctl, &p.id, &name)?;
-    ctl.graph.get(&p.node_name).map_err(bdev_error)?;
+    if ctl.graph.get(&p.node_name).is_err() {
+        // QEMU's words for an export of a node that is not there.
+        let n = &p.node_name;
+        return Err(RpcError::not_found(format!("Cannot find device='' nor node-name='{n}'")));
+    }
     let reactor = match &p.iothread {
         Some(t) => Some(place_export(ctl, &p.node_name, t, p.fixed_iothread.unwrap_or(false))?),
         None => None,
