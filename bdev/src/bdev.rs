@@ -89,6 +89,13 @@ pub trait Bdev: Send + Sync + 'static {
         false
     }
 
+    /// Whether writes flagged [`crate::IoFlags::COMPRESS`] can be stored
+    /// compressed (QEMU's `bdrv_supports_compressed_writes`: qcow2; no
+    /// filter here passes them on). The front door refuses them elsewhere.
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+
     /// The node's claims now add up to `perms` (what its users do and what
     /// they let others do). Drivers over files turn this into image locks
     /// and refuse what another user of the file forbids; an error leaves

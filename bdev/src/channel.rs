@@ -38,6 +38,8 @@ pub struct ChannelPolicy {
     pub read_only: bool,
     pub discard: DiscardMode,
     pub detect_zeroes: DetectZeroes,
+    /// Writes flagged [`IoFlags::COMPRESS`] are taken (else refused).
+    pub compress: bool,
 }
 
 /// A node's channel on the current reactor, with its policy.
@@ -91,6 +93,9 @@ impl BlockChannel {
         let p = &self.policy;
         if io.kind.is_write() && p.read_only {
             return Err(IoError::ReadOnly);
+        }
+        if io.flags.contains(IoFlags::COMPRESS) && !(p.compress && io.kind == IoKind::Write) {
+            return Err(IoError::NotSupported);
         }
         match io.kind {
             IoKind::Flush => return Ok(()),

@@ -220,6 +220,7 @@ impl Node {
             read_only: self.read_only(),
             discard: self.common.discard,
             detect_zeroes: self.common.detect_zeroes,
+            compress: self.bdev.supports_compressed_writes(),
         }
     }
 

@@ -61,6 +61,13 @@ impl IoFlags {
     /// (files: FALLOC_FL_ZERO_RANGE without KEEP_SIZE). A format sends it
     /// to grow its file ahead of its allocator; other devices ignore it.
     pub const GROW: IoFlags = IoFlags(16);
+    /// Store the written clusters compressed (QEMU's
+    /// BDRV_REQ_WRITE_COMPRESSED: backup's `compress`). Only whole clusters
+    /// (the image's last one may be partial); data that does not get
+    /// smaller is stored as it is. Devices that cannot store compressed
+    /// data ([`crate::Bdev::supports_compressed_writes`]) refuse the write
+    /// with NotSupported.
+    pub const COMPRESS: IoFlags = IoFlags(32);
 
     pub fn contains(self, other: IoFlags) -> bool {
         self.0 & other.0 == other.0

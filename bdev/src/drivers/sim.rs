@@ -408,6 +408,7 @@ impl SimDisk {
                 read_only: false,
                 discard: DiscardMode::Unmap,
                 detect_zeroes: DetectZeroes::Off,
+                compress: false,
             },
         )
     }

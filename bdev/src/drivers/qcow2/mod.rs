@@ -102,6 +102,7 @@ fn file_channel(node: &Node) -> Result<BlockChannel, BdevError> {
             read_only: ch.read_only(),
             discard: DiscardMode::Unmap,
             detect_zeroes: DetectZeroes::Off,
+            compress: false,
         },
     ))
 }

@@ -73,6 +73,7 @@ pub async fn open(disk: &Arc<SimDisk>, caches: CacheSizes) -> Open {
             read_only: false,
             discard: DiscardMode::Unmap,
             detect_zeroes: DetectZeroes::Off,
+            compress: true,
         },
     );
     Open { q, ch, events }
