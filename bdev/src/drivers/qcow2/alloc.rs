@@ -47,6 +47,10 @@ pub(super) struct Allocator {
     /// The hole scan: clusters `scan_next..scan_end` are not looked at yet.
     scan_next: u64,
     scan_end: u64,
+    /// Where the next compressed cluster's bytes go: inside a host cluster
+    /// that compressed data already uses (`compress.rs`); None: start a
+    /// new one.
+    pub(super) packing: Option<u64>,
 }
 
 impl Qcow2 {
@@ -119,7 +123,8 @@ impl Qcow2 {
             }
         }
         tracing::debug!(frontier, "qcow2: allocation starts at the frontier");
-        *self.alloc.borrow_mut() = Allocator { frontier: Some(frontier), scan_next: 0, scan_end: frontier };
+        let mut a = self.alloc.borrow_mut();
+        (a.frontier, a.scan_next, a.scan_end) = (Some(frontier), 0, frontier);
         Ok(())
     }
 

@@ -82,6 +82,17 @@ pub fn data_entry(host: u64) -> u64 {
     host | COPIED
 }
 
+/// The entry for `len` bytes of compressed data at byte `offset` (never
+/// COPIED): with `x = 62 - (cluster_bits - 8)`, the offset in bits 0..x
+/// and the 512-byte sectors the data reaches beyond the first in bits
+/// x..62. None where a field cannot hold its value.
+pub fn compressed_entry(offset: u64, len: u64, cluster_bits: u32) -> Option<u64> {
+    let x = 62 - (cluster_bits - 8);
+    let extra = (offset + len.max(1) - 1) / 512 - offset / 512;
+    let fits = offset < 1 << x.min(56) && extra < 1 << (62 - x);
+    fits.then_some(COMPRESSED | (extra << x) | offset)
+}
+
 /// Host clusters a compressed extent touches: (first cluster offset, count).
 pub fn compressed_clusters(offset: u64, len: u64, cluster_bits: u32) -> (u64, u64) {
     let cs = 1u64 << cluster_bits;
@@ -199,6 +210,22 @@ mod tests {
         let e = COMPRESSED | (3u64 << 54) | 0x70100;
         assert_eq!(decode_l2(e, 16, 3).unwrap(), Cluster::Compressed { offset: 0x70100, len: 4 * 512 - 0x100 });
         assert_eq!(compressed_clusters(0xfff0, 0x20, 16), (0, 2));
+        // And back: 4 sectors reached from 0x70100 are 3 beyond the first.
+        assert_eq!(compressed_entry(0x70100, 4 * 512 - 0x100, 16), Some(e));
+        assert_eq!(compressed_entry(0x70000, 1, 16), Some(0x4000_0000_0007_0000), "QEMU's observed entry");
+        for bits in [9u32, 12, 16, 21] {
+            let cs = 1u64 << bits;
+            // The largest compressed cluster (one byte short of a cluster),
+            // at an unaligned offset: it touches two host clusters.
+            let (off, len) = (7 * cs + 100, cs - 1);
+            let e = compressed_entry(off, len, bits).unwrap();
+            let Cluster::Compressed { offset, len: got } = decode_l2(e, bits, 3).unwrap() else { panic!() };
+            assert_eq!(offset, off, "cluster_bits {bits}");
+            assert!(got >= len && got < len + 512, "cluster_bits {bits}: {got} for {len}");
+        }
+        // 2 MiB clusters: the offset field ends at bit 49.
+        assert_eq!(compressed_entry(1 << 49, 512, 21), None);
+        assert!(compressed_entry((1 << 49) - 512, 512, 21).is_some());
         assert_eq!(compressed_clusters(0x10000, 0x100, 16), (0x10000, 1));
     }
 

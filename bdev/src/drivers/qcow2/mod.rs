@@ -17,6 +17,8 @@
 //!                crash-ordering rules), dropped references
 //!   request.rs   read, write, write-zeroes, discard, block status; the
 //!                fast path
+//!   compress.rs  compressed cluster writes: compressing, packing the
+//!                compressed bytes into host clusters
 //!   corrupt.rs   corruption: fencing, the corrupt bit, the event
 //!   overlap.rs   where metadata lies: every write is checked against it
 //!   snapshot.rs  the internal snapshot table (kept, read for its extent)
@@ -32,6 +34,7 @@
 
 mod alloc;
 mod cache;
+mod compress;
 mod corrupt;
 pub mod create;
 pub mod entry;
@@ -491,6 +494,10 @@ impl Bdev for Qcow2Bdev {
     }
 
     fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn supports_compressed_writes(&self) -> bool {
         true
     }
 

@@ -90,6 +90,7 @@ impl Qcow2 {
                 drop(blocks);
                 if v == 0 && delta < 0 {
                     self.reuse.borrow_mut().freed(c);
+                    self.packing_freed(c);
                 }
                 Ok(())
             }

@@ -40,11 +40,11 @@ impl Drop for Ticket<'_> {
 
 /// A run of guest clusters being allocated: where, what they held before,
 /// and the lock writers to the same clusters wait on.
-struct Run {
-    table: u64,
-    c0: u64,
-    host: u64,
-    old: Vec<Cluster>,
+pub(super) struct Run {
+    pub table: u64,
+    pub c0: u64,
+    pub host: u64,
+    pub old: Vec<Cluster>,
     _guard: reactor::LocalMutexGuard,
 }
 
@@ -80,7 +80,8 @@ impl Qcow2 {
             IoKind::Write
                 if !self.read_only
                     && !io.flags.contains(IoFlags::FUA)
-                    && !io.flags.contains(IoFlags::FILL_UNALLOCATED) =>
+                    && !io.flags.contains(IoFlags::FILL_UNALLOCATED)
+                    && !io.flags.contains(IoFlags::COMPRESS) =>
             {
                 // A write that would hit metadata takes the slow path,
                 // which refuses it and raises the alarm.
@@ -219,6 +220,15 @@ impl Qcow2 {
         if self.read_only {
             return (io, Err(IoError::ReadOnly));
         }
+        if io.flags.contains(IoFlags::COMPRESS) {
+            let data = io.buf.take().expect("write carries a buffer");
+            let mut res = self.write_compressed(io.offset, &data).await;
+            io.buf = Some(data);
+            if res.is_ok() && io.flags.contains(IoFlags::FUA) {
+                res = self.flush().await;
+            }
+            return (io, res);
+        }
         let fill = io.flags.contains(IoFlags::FILL_UNALLOCATED);
         let whole = if fill { Ok(false) } else { self.write_whole_clusters(&mut io).await };
         let mut res = match whole {
@@ -282,7 +292,7 @@ impl Qcow2 {
     }
 
     /// Marks guest clusters `c0..c0 + old.len()` as being allocated at `host`.
-    fn register_run(&self, table: u64, c0: u64, host: u64, old: Vec<Cluster>) -> Run {
+    pub(super) fn register_run(&self, table: u64, c0: u64, host: u64, old: Vec<Cluster>) -> Run {
         let lock = LocalMutex::new();
         let guard = lock.try_lock().expect("a fresh lock is free");
         let mut alloc = self.allocating.borrow_mut();
@@ -332,7 +342,7 @@ impl Qcow2 {
     /// copy-on-write elsewhere.
     /// With `fill`, clusters this layer already holds are skipped (see
     /// [`IoFlags::FILL_UNALLOCATED`]).
-    async fn write_range(&self, offset: u64, data: &[u8], fill: bool) -> Result<(), IoError> {
+    pub(super) async fn write_range(&self, offset: u64, data: &[u8], fill: bool) -> Result<(), IoError> {
         let end = offset + data.len() as u64;
         let mut pos = offset;
         while pos < end {
