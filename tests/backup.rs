@@ -233,6 +233,105 @@ fn sync_none_keeps_old_data_for_an_overlay_and_sync_top_copies_the_top_layer() {
     qio(&top, "qcow2", &["read -P 0x33 0 1M", "read -P 0x44 4M 1M", "read -P 0x22 5M 3M", "read -P 0x11 8M 8M"]);
 }
 
+/// A raw file of `mib` MiB that compresses about tenfold (lines of text
+/// naming their place), with 4 MiB of noise and 4 MiB of zeroes at its
+/// end; returns the bytes of data that are not zeroes.
+fn compressible_raw(path: &Path, mib: u64) -> u64 {
+    let text_end = (mib - 8) * MIB;
+    let mut data = Vec::with_capacity((mib * MIB) as usize);
+    let mut line = 0u64;
+    while (data.len() as u64) < text_end {
+        data.extend_from_slice(format!("{line:>12} a line of text that compresses well enough\n").as_bytes());
+        line += 1;
+    }
+    data.truncate(text_end as usize);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    while (data.len() as u64) < text_end + 4 * MIB {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.resize((mib * MIB) as usize, 0);
+    std::fs::write(path, &data).unwrap();
+    text_end + 4 * MIB
+}
+
+/// Clusters `qemu-img map` reports compressed, in bytes.
+fn compressed_bytes(img: &Path) -> u64 {
+    let map = run(Command::new("qemu-img").args(["map", "-U", "--output=json"]).arg(img));
+    let map: Value = serde_json::from_str(&map).unwrap();
+    map.as_array().unwrap().iter().filter(|e| e["compressed"] == true).map(|e| e["length"].as_u64().unwrap()).sum()
+}
+
+/// A compressed backup of a disk a client writes meanwhile, into `target`
+/// (a node for blockdev-backup, a new file for drive-backup): it holds the
+/// disk as it was at the start, is much smaller than the data, mostly
+/// compressed clusters, and passes `qemu-img check`.
+fn compressed_backup(drive: bool) {
+    let d = Daemon::start();
+    let mut q = Qmp::negotiated(&d.qmp);
+    let raw = d.path("src.raw");
+    let data = compressible_raw(&raw, 32);
+    let src = d.path("src.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&src));
+    let snapshot = d.path("snapshot.qcow2");
+    std::fs::copy(&src, &snapshot).unwrap();
+    add(&d, "src", &src);
+    let uri = export(&d, "src");
+    let tgt = d.path("tgt.qcow2");
+    // Slow, so the client's writes land on ranges not copied yet.
+    if drive {
+        d.ok(
+            "drive-backup",
+            json!({"job-id": "b", "device": "src", "target": tgt, "format": "qcow2", "sync": "full",
+                   "compress": true, "speed": 8 * MIB}),
+        );
+    } else {
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd"])
+            .arg(&tgt)
+            .arg("32M"));
+        add(&d, "tgt", &tgt);
+        d.ok(
+            "blockdev-backup",
+            json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "compress": true,
+                   "speed": 8 * MIB}),
+        );
+    }
+    qio(
+        Path::new(&uri),
+        "raw",
+        &["write -P 0x21 0 4M", "write -P 0x22 25M 1M", "write -z 12M 1M", "write -P 0x23 29M 64k"],
+    );
+    d.ok("block-job-set-speed", json!({"device": "b", "speed": 0}));
+    let ev = wait_end(&mut q, "b");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    if !drive {
+        d.ok("blockdev-del", json!({"node-name": "tgt"}));
+    }
+    compare(&snapshot, &tgt);
+    // Clean, and how far the image reaches (the file itself may have been
+    // grown ahead of the allocator).
+    let check = run(Command::new("qemu-img").args(["check", "--output=json"]).arg(&tgt));
+    let check: Value = serde_json::from_str(&check).unwrap();
+    let size = check["image-end-offset"].as_u64().unwrap();
+    assert!(size < data / 2, "the target holds {size} bytes for {data} bytes of data: {check}");
+    let compressed = compressed_bytes(&tgt);
+    assert!(compressed >= 20 * MIB, "{compressed} bytes of compressed clusters");
+    qio(&src, "qcow2", &["read -P 0x21 0 4M", "read -P 0x22 25M 1M", "read -P 0 12M 1M", "read -P 0x23 29M 64k"]);
+}
+
+#[test]
+fn a_compressed_blockdev_backup_holds_the_disk_at_its_start_in_less_room() {
+    compressed_backup(false);
+}
+
+#[test]
+fn a_compressed_drive_backup_holds_the_disk_at_its_start_in_less_room() {
+    compressed_backup(true);
+}
+
 #[test]
 fn argument_errors_are_qemu_storage_daemons() {
     let d = Daemon::start();
@@ -255,6 +354,14 @@ fn argument_errors_are_qemu_storage_daemons() {
                 json!({"driver": "qcow2", "node-name": n, "file": {"driver": "file", "filename": p}}),
             );
             assert_eq!(r, Reply::Return(json!({})));
+        }
+        let raw = d.path(&format!("{who}-r.raw"));
+        support::sparse_file(&raw, 64 * MIB);
+        for added in [
+            json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": raw}}),
+            json!({"driver": "file", "node-name": "rf", "filename": raw}),
+        ] {
+            assert_eq!(q.execute("blockdev-add", added), Reply::Return(json!({})));
         }
         assert_eq!(q.execute("block-dirty-bitmap-add", json!({"node": "a", "name": "b0"})), Reply::Return(json!({})));
         let base = json!({"job-id": "j", "device": "a", "target": "t"});
@@ -279,9 +386,20 @@ fn argument_errors_are_qemu_storage_daemons() {
             with(json!({"sync": "full", "x-perf": {"max-chunk": 1000}})),
             with(json!({"sync": "full", "speed": -1})),
             with(json!({"sync": "bogus"})),
+            with(json!({"sync": "full", "target": "r", "compress": true})),
+            with(json!({"sync": "full", "target": "rf", "compress": true})),
+            with(json!({"sync": "full", "target": "a", "compress": true})),
+            with(json!({"sync": "full", "target": "r", "compress": true, "x-perf": {"max-chunk": 1000}})),
+            with(json!({"sync": "full", "target": "s", "compress": true})),
+            with(json!({"sync": "full", "compress": "yes"})),
         ] {
             got.push((args.clone(), q.execute("blockdev-backup", args)));
         }
+        // drive-backup into a new raw file: created, then refused.
+        let args = json!({"job-id": "j", "device": "a", "target": d.path(&format!("{who}-new.raw")),
+                          "format": "raw", "sync": "full", "compress": true});
+        let answer = q.execute("drive-backup", args);
+        got.push((json!({"drive-backup": "raw, compress"}), answer));
         drop(qsd);
         answers.push(got);
     }

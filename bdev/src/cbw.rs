@@ -80,6 +80,9 @@ pub struct Cbw {
     pub top_only: bool,
     /// Discard each cluster on the source once copied.
     pub discard_source: bool,
+    /// Flags of the copies' data writes to the target (`COMPRESS` for a
+    /// backup's `compress`).
+    write_flags: IoFlags,
     on_error: OnCbwError,
     /// How long a copy before a write may take (None: no limit).
     timeout: Option<Duration>,
@@ -96,6 +99,9 @@ pub struct CbwSettings {
     pub cluster: u64,
     pub top_only: bool,
     pub discard_source: bool,
+    /// Store the copies compressed (the target must take
+    /// [`IoFlags::COMPRESS`]).
+    pub compress: bool,
     pub on_error: OnCbwError,
     pub timeout: Option<Duration>,
 }
@@ -111,6 +117,7 @@ impl Cbw {
             locks: RangeLocks::new(),
             top_only: s.top_only,
             discard_source: s.discard_source,
+            write_flags: if s.compress { IoFlags::COMPRESS } else { IoFlags::NONE },
             on_error: s.on_error,
             timeout: s.timeout,
             broken: Cell::new(false),
@@ -154,8 +161,20 @@ impl Cbw {
     async fn copy_range(&self, start: u64, end: u64) -> Result<(), CopyError> {
         let mut pos = start;
         while pos < end {
-            let st = self.source.block_status(pos, end - pos).await.map_err(|e| (true, e))?;
-            let len = st.len.clamp(1, end - pos);
+            let mut st = self.source.block_status(pos, end - pos).await.map_err(|e| (true, e))?;
+            let mut len = st.len.clamp(1, end - pos);
+            if self.write_flags.contains(IoFlags::COMPRESS) && len < end - pos {
+                // Compressed writes take whole clusters (QEMU's block-copy
+                // rounds block status to its clusters the same way): a run
+                // shorter than a cluster is copied as data.
+                let whole = len / self.cluster * self.cluster;
+                if whole == 0 {
+                    len = self.cluster.min(end - pos);
+                    st = BlockStatus { data: true, zero: false, allocated: true, depth: 0, ..st };
+                } else {
+                    len = whole;
+                }
+            }
             if self.top_only && !(st.allocated && st.depth == 0) {
                 // The target reads this from its own backing file.
             } else if st.zero && !st.data {
@@ -165,7 +184,7 @@ impl Cbw {
                 while at < pos + len {
                     let n = (pos + len - at).min(IO_BYTES_MAX);
                     let buf = self.source.read(at, n as usize).await.map_err(|e| (true, e))?;
-                    self.target.write(at, buf, IoFlags::NONE).await.1.map_err(|e| (false, e))?;
+                    self.target.write(at, buf, self.write_flags).await.1.map_err(|e| (false, e))?;
                     at += n;
                 }
             }
@@ -517,7 +536,7 @@ pub fn open(ctx: &mut OpenCtx<'_>, mut opts: OptReader) -> Result<Arc<dyn Bdev>,
         let state = Cbw::new(
             s.channel()?,
             t.channel()?,
-            CbwSettings { bits, cluster, top_only: false, discard_source: false, on_error, timeout },
+            CbwSettings { bits, cluster, top_only: false, discard_source: false, compress: false, on_error, timeout },
         );
         register(id, state);
         Ok::<(), BdevError>(())

@@ -24,6 +24,11 @@
 //! `copy-before-write` driver (fleecing) uses too; the job adds the
 //! background copy, progress and the bitmaps.
 //!
+//! With `compress` every copy — background or before a client's write —
+//! writes the target with [`bdev::IoFlags::COMPRESS`] (zeroes stay zero
+//! writes), in whole clusters of the target; only targets that store
+//! compressed data take it (qcow2), as in QEMU.
+//!
 //! With a user's bitmap the job freezes it (busy, not recording) and lets
 //! an anonymous successor record the writes from the start on; at the end
 //! QEMU's `bitmap-mode` decides: `on-success` keeps only the successor's
@@ -49,6 +54,11 @@ use crate::mirror::{GraphFn, move_users};
 
 /// Bytes one background copy moves at most (without `x-perf.max-chunk`).
 pub const CHUNK_DEFAULT: u64 = 1 << 20;
+/// QEMU's refusal of `compress` for a target that cannot store compressed
+/// data. QEMU names the target's BlockBackend, which a node added with
+/// blockdev-add (every node of a storage daemon) does not have: the name
+/// is empty.
+pub const COMPRESS_UNSUPPORTED: &str = "Compression is not supported for this drive ";
 /// How long the job sleeps when everything left is being copied by clients' writes.
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 
@@ -100,6 +110,8 @@ pub struct BackupConfig {
     pub auto_dismiss: bool,
     pub filter_node_name: Option<String>,
     pub discard_source: bool,
+    /// Writes to the target are stored compressed (QEMU's `compress`).
+    pub compress: bool,
     /// Bytes one background copy moves at most (`x-perf.max-chunk`, 0: default).
     pub max_chunk: u64,
     /// Runs on the control thread when the job has ended (drive-backup
@@ -134,6 +146,9 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
     let (source, target) = (Arc::clone(&cfg.source), Arc::clone(&cfg.target));
     if Arc::ptr_eq(&source, &target) {
         return Err(invalid("Source and target cannot be the same"));
+    }
+    if cfg.compress && !target.bdev().supports_compressed_writes() {
+        return Err(invalid(COMPRESS_UNSUPPORTED));
     }
     if source.size() != target.size() {
         return Err(invalid("Source and target image have different sizes"));
@@ -184,7 +199,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
         Arc::clone(jobs.events()),
     );
     let (src, tgt, j, b) = (Arc::clone(&source), Arc::clone(&target), Arc::clone(&job), Arc::clone(&bits));
-    let (top_only, discard_source) = (cfg.sync == BackupSync::Top, cfg.discard_source);
+    let (top_only, discard_source, compress) = (cfg.sync == BackupSync::Top, cfg.discard_source, cfg.compress);
     let setup = home
         .run(move || async move {
             let (source, target) = (src.channel()?, tgt.channel()?);
@@ -193,6 +208,7 @@ pub fn start(graph: &mut Graph, jobs: &mut JobManager, cfg: BackupConfig) -> Res
                 cluster,
                 top_only,
                 discard_source,
+                compress,
                 on_error: OnCbwError::BreakGuestWrite,
                 timeout: None,
             };

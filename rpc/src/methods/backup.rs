@@ -199,9 +199,13 @@ fn config(
     copying: Copying,
 ) -> Result<BackupConfig, RpcError> {
     let Copying { sync, bitmap, mode: bitmap_mode } = copying;
-    if p.compress == Some(true) {
-        // qcow2 reads compressed clusters but does not write them yet.
-        return Err(RpcError::failed(format!("Compression is not supported for this drive {}", target.name())));
+    // QEMU's order: the same node twice, then compression, then x-perf.
+    if Arc::ptr_eq(&source, &target) {
+        return Err(RpcError::failed("Source and target cannot be the same"));
+    }
+    let compress = p.compress.unwrap_or(false);
+    if compress && !target.bdev().supports_compressed_writes() {
+        return Err(RpcError::failed(jobs::backup::COMPRESS_UNSUPPORTED));
     }
     let perf = p.x_perf.unwrap_or_default();
     if perf.max_workers.is_some_and(|w| w < 1) {
@@ -228,6 +232,7 @@ fn config(
         auto_dismiss: p.auto_dismiss.unwrap_or(true),
         filter_node_name: p.filter_node_name,
         discard_source: p.discard_source.unwrap_or(false),
+        compress,
         max_chunk,
         on_end: None,
     })
