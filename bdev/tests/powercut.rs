@@ -30,12 +30,16 @@
 //! the header (the refcount table moved). Tearing inside one write is not
 //! modelled.
 //!
-//! Three workloads: `qcow2_plain` (one image), `qcow2_chain` (a top image
+//! Four workloads: `qcow2_plain` (one image), `qcow2_chain` (a top image
 //! over a qcow2 backing file full of known data, so copy-on-write reads
-//! the backing file) and `qcow2_metadata` (512-byte clusters, 64-bit
+//! the backing file), `qcow2_metadata` (512-byte clusters, 64-bit
 //! refcounts, small caches, writes spread over 128 MiB: new L2 tables,
-//! refcount blocks, refcount table growth and cache evictions). A fourth
-//! test checks the checks: replayed as if no flush had completed, the same
+//! refcount blocks, refcount table growth and cache evictions) and
+//! `qcow2_compressed` (as plain, half the writes compressed in whole
+//! clusters, with data that compresses: packed compressed clusters,
+//! normal writes into them, compressed writes over them, discards; an
+//! entry written before its compressed data would not even decompress).
+//! A fifth test checks the checks: replayed as if no flush had completed, the same
 //! kind of workload must fail both `qemu-img check` and the data check.
 //!
 //! The driver runs with every metadata overlap check on (`overlap-check:
@@ -149,6 +153,9 @@ struct Shape {
     /// qcow2 cache sizes (bytes), where not the driver's defaults.
     l2_cache: Option<u64>,
     refcount_cache: Option<u64>,
+    /// Half the writes are compressed, in whole clusters, with data that
+    /// compresses.
+    compress: bool,
 }
 
 fn plain(r: &mut Rng) -> Shape {
@@ -163,7 +170,12 @@ fn plain(r: &mut Rng) -> Shape {
         hot: 512 * KIB,
         l2_cache: None,
         refcount_cache: None,
+        compress: false,
     }
+}
+
+fn compressed(r: &mut Rng) -> Shape {
+    Shape { name: "qcow2_compressed", cluster: r.pick(&[4 * KIB, 64 * KIB]), compress: true, ..plain(r) }
 }
 
 fn chain(r: &mut Rng) -> Shape {
@@ -178,6 +190,7 @@ fn chain(r: &mut Rng) -> Shape {
         hot: 512 * KIB,
         l2_cache: None,
         refcount_cache: None,
+        compress: false,
     }
 }
 
@@ -195,13 +208,20 @@ fn metadata(r: &mut Rng) -> Shape {
         hot: 0,
         l2_cache: Some(r.pick(&[8 * KIB, 32 * KIB])),
         refcount_cache: Some(2 * KIB),
+        compress: false,
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GKind {
-    Write { fua: bool },
-    Zero { unmap: bool },
+    /// `compress`: whole clusters, stored compressed.
+    Write {
+        fua: bool,
+        compress: bool,
+    },
+    Zero {
+        unmap: bool,
+    },
     Discard,
     Flush,
 }
@@ -220,6 +240,8 @@ struct GOp {
 struct Plan {
     ops: Vec<GOp>,
     batches: Vec<Vec<usize>>,
+    /// Guest data that compresses ([`sector_data`]).
+    compressible: bool,
 }
 
 fn make_plan(shape: &Shape, r: &mut Rng) -> Plan {
@@ -245,18 +267,22 @@ fn make_plan(shape: &Shape, r: &mut Rng) -> Plan {
             let kind = match roll {
                 12..20 => GKind::Zero { unmap: r.chance(1, 2) },
                 20..27 => GKind::Discard,
-                _ => GKind::Write { fua: r.chance(1, 20) },
+                _ => GKind::Write { fua: r.chance(1, 20), compress: shape.compress && r.chance(1, 2) },
             };
+            let whole = matches!(kind, GKind::Write { compress: true, .. });
             for _attempt in 0..4 {
-                let len = match r.below(10) {
+                let mut len = match r.below(10) {
                     0..4 => r.range(1, 8),
                     4..8 => r.range(1, (2 * cluster_sectors).min(shape.max_sectors)),
                     _ => r.range(1, shape.max_sectors),
                 };
                 let area = if shape.hot > 0 && r.chance(1, 2) { shape.hot / SECTOR } else { sectors };
                 let mut start = r.below(area);
-                if r.chance(1, 2) {
+                if whole || r.chance(1, 2) {
                     start = start / cluster_sectors * cluster_sectors;
+                }
+                if whole {
+                    len = len.div_ceil(cluster_sectors) * cluster_sectors;
                 }
                 let len = len.min(sectors - start);
                 let (offset, len) = (start * SECTOR, len * SECTOR);
@@ -278,21 +304,24 @@ fn make_plan(shape: &Shape, r: &mut Rng) -> Plan {
     // A last flush: the final cut then holds everything durable.
     batches.push(vec![ops.len()]);
     ops.push(GOp { kind: GKind::Flush, offset: 0, len: 0 });
-    Plan { ops, batches }
+    Plan { ops, batches, compressible: shape.compress }
 }
 
 // ---------------------------------------------------------------- guest data
 
 /// The content of sector `s` as written by guest request `id` (0: the
 /// backing file's initial data): a magic, the sector, the id, then words
-/// derived from both and their position.
-fn sector_data(id: u64, s: u64) -> [u8; SECTOR as usize] {
+/// derived from both and their position — or, if `compressible`, the id
+/// again up to the last word (what `classify` reads is the same).
+fn sector_data(id: u64, s: u64, compressible: bool) -> [u8; SECTOR as usize] {
+    const LAST: usize = SECTOR as usize / 8 - 1;
     let mut out = [0u8; SECTOR as usize];
     out[0..8].copy_from_slice(&MAGIC.to_le_bytes());
     out[8..16].copy_from_slice(&s.to_le_bytes());
     out[16..24].copy_from_slice(&id.to_le_bytes());
     for (k, chunk) in out.chunks_mut(8).enumerate().skip(3) {
-        chunk.copy_from_slice(&fill_word(id, s, k).to_le_bytes());
+        let word = if compressible && k < LAST { id } else { fill_word(id, s, k) };
+        chunk.copy_from_slice(&word.to_le_bytes());
     }
     out
 }
@@ -301,10 +330,10 @@ fn fill_word(id: u64, s: u64, k: usize) -> u64 {
     Rng(s.wrapping_mul(0x1000_0000_01b3) ^ id.rotate_left(32) ^ (k as u64).rotate_left(56)).next()
 }
 
-fn guest_data(id: u64, offset: u64, len: u64) -> Vec<u8> {
+fn guest_data(id: u64, offset: u64, len: u64, compressible: bool) -> Vec<u8> {
     let mut v = Vec::with_capacity(len as usize);
     for s in offset / SECTOR..(offset + len) / SECTOR {
-        v.extend_from_slice(&sector_data(id, s));
+        v.extend_from_slice(&sector_data(id, s, compressible));
     }
     v
 }
@@ -360,13 +389,14 @@ async fn one_request(ch: &BlockChannel, journal: &Journal, plan: &Plan, i: usize
     let op = plan.ops[i];
     let id = i as u64 + 1;
     let buf = match op.kind {
-        GKind::Write { .. } => Some(IoBuf::from_slice(&guest_data(id, op.offset, op.len))),
+        GKind::Write { .. } => Some(IoBuf::from_slice(&guest_data(id, op.offset, op.len, plan.compressible))),
         _ => None,
     };
     journal.mark(i as u64, false);
     let res = match op.kind {
-        GKind::Write { fua } => {
+        GKind::Write { fua, compress } => {
             let flags = if fua { IoFlags::FUA } else { IoFlags::NONE };
+            let flags = if compress { flags | IoFlags::COMPRESS } else { flags };
             ch.write(op.offset, buf.expect("a write has data"), flags).await.1
         }
         GKind::Zero { unmap } => {
@@ -427,7 +457,7 @@ impl Model {
 
     fn durable(&self, i: usize, at: usize, flushed_upto: Option<usize>) -> bool {
         let Some(a) = self.acked[i] else { return false };
-        flushed_upto.is_some_and(|f| a < f) || (matches!(self.ops[i].kind, GKind::Write { fua: true }) && a < at)
+        flushed_upto.is_some_and(|f| a < f) || (matches!(self.ops[i].kind, GKind::Write { fua: true, .. }) && a < at)
     }
 
     /// What sector `s` may hold at cut `at`.
@@ -607,7 +637,7 @@ fn record(shape: &Shape, r: &mut Rng, dir: &Path) -> Recorded {
         let mut data = vec![0u8; shape.size as usize];
         for s in (0..shape.size / SECTOR).filter(|&s| base_has_data(s)) {
             let at = (s * SECTOR) as usize;
-            data[at..at + SECTOR as usize].copy_from_slice(&sector_data(0, s));
+            data[at..at + SECTOR as usize].copy_from_slice(&sector_data(0, s, false));
         }
         std::fs::write(&base_raw, data).unwrap();
         let base = dir.join("base.qcow2");
@@ -662,6 +692,14 @@ fn record(shape: &Shape, r: &mut Rng, dir: &Path) -> Recorded {
         "replaying the whole journal does not give the image file"
     );
 
+    if shape.compress {
+        // The workload did store compressed clusters.
+        let (code, map) = qemu_img(&["map", "--output=json", img_s]);
+        assert_eq!(code, 0, "{map}");
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let compressed = map.as_array().unwrap().iter().filter(|e| e["compressed"] == true).count();
+        assert!(compressed > 0, "no compressed cluster in the image: {map}");
+    }
     let model = Model::new(&plan, &log, shape.backing);
     Recorded { shape: shape.clone(), dir: dir.to_path_buf(), initial, plan, log, end, model, workload_time }
 }
@@ -966,6 +1004,11 @@ fn qcow2_chain() {
 #[test]
 fn qcow2_metadata() {
     run("qcow2_metadata", metadata);
+}
+
+#[test]
+fn qcow2_compressed() {
+    run("qcow2_compressed", compressed);
 }
 
 /// The clusters holding refcount blocks in a qcow2 image: (offset, length).
