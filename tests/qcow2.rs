@@ -326,6 +326,63 @@ fn compressed_clusters_read_and_rewrite() {
     }
 }
 
+/// qemu-io's `write -c` through `x-debug-io` and through qemu-io itself
+/// leave images that read the same and that `qemu-img map` maps the same
+/// (compressed where QEMU compressed); both check clean. A device that
+/// cannot compress refuses as qemu-io's does.
+#[test]
+fn compressed_writes_match_qemu_io() {
+    let d = Daemon::start();
+    let cmds = [
+        "write -c -P 0x11 0 256k",
+        "write -c 512k 64k",
+        "write -P 0x22 70000 100",
+        "write -c -P 0x33 1M 128k",
+        "discard 1088k 64k",
+        "write -c -z 2M 64k",
+        "write -c -P 0x44 4032k 64k",
+    ];
+    let strip = |m: Value| -> Vec<Value> {
+        m.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e.as_object_mut().unwrap().remove("offset");
+                e
+            })
+            .collect()
+    };
+    for ctype in ["zlib", "zstd"] {
+        let (theirs, ours) = (d.path(&format!("qio-{ctype}.qcow2")), d.path(&format!("ours-{ctype}.qcow2")));
+        let opt = format!("compression_type={ctype}");
+        create(&theirs, "4M", &opt);
+        create(&ours, "4M", &opt);
+        qio(&theirs, &cmds);
+        let node = format!("w{ctype}");
+        // qemu-io passes discards on; a node ignores them by default.
+        add(&d, &node, &ours, json!({"discard": "unmap"}));
+        for cmd in cmds {
+            io(&d, &node, cmd);
+        }
+        let (_, msg, _) = d.err("x-debug-io", json!({"node-name": node, "command": "write -c 512 64k"}));
+        assert!(msg.starts_with("write failed"), "an unaligned compressed write: {msg}");
+        d.ok("blockdev-del", json!({"node-name": node}));
+        check_clean(&ours);
+        qemu_img(&["compare", "-q", "-U", theirs.to_str().unwrap(), ours.to_str().unwrap()]);
+        let (want, got) = (strip(qemu_map(&theirs)), strip(qemu_map(&ours)));
+        assert_eq!(got, want, "{ctype}: qemu-img map");
+        assert!(want.iter().any(|e| e["compressed"] == true), "{want:?}");
+    }
+    let raw = d.path("plain.raw");
+    support::sparse_file(&raw, 4 << 20);
+    let qemu = Command::new("qemu-io").args(["-f", "raw", "-c", "write -c 0 64k"]).arg(&raw).output().unwrap();
+    let qemu = String::from_utf8_lossy(&qemu.stdout).into_owned() + &String::from_utf8_lossy(&qemu.stderr);
+    d.ok("blockdev-add", json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": raw}}));
+    let (_, msg, _) = d.err("x-debug-io", json!({"node-name": "r", "command": "write -c 0 64k"}));
+    assert_eq!(format!("{msg}\n"), qemu, "a raw node refuses as qemu-io does");
+}
+
 #[test]
 fn random_operations_match_qemu_io() {
     let ops: usize = std::env::var("SPINDLE_QCOW2_DIFF_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);

@@ -96,7 +96,7 @@ async fn execute(node: &Node, cmd: IoCommand) -> Result<String, RpcError> {
             }
             Ok(if quiet { dump } else { dump + &stats("read", offset, len, t0) })
         }
-        IoCommand::Write { offset, len, pattern, zero, unmap, no_fallback, fua, quiet } => {
+        IoCommand::Write { offset, len, pattern, zero, unmap, no_fallback, compressed, fua, quiet } => {
             let mut flags = if fua { IoFlags::FUA } else { IoFlags::NONE };
             if zero {
                 if unmap {
@@ -107,6 +107,9 @@ async fn execute(node: &Node, cmd: IoCommand) -> Result<String, RpcError> {
                 }
                 ch.write_zeroes(offset, len, flags).await.map_err(|e| io_failed("write", e))?;
             } else {
+                if compressed {
+                    flags = flags | IoFlags::COMPRESS;
+                }
                 let mut at = offset;
                 while at < offset + len {
                     let n = (offset + len - at).min(CHUNK_BYTES);

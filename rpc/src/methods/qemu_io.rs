@@ -15,7 +15,7 @@ pub enum IoCommand {
         verbose: bool,
         quiet: bool,
     },
-    /// `write [-P pattern | -z [-u] [-n]] [-f] [-q] off len`
+    /// `write [-P pattern | -z [-u] [-n]] [-c] [-f] [-q] off len`
     Write {
         offset: u64,
         len: u64,
@@ -23,6 +23,8 @@ pub enum IoCommand {
         zero: bool,
         unmap: bool,
         no_fallback: bool,
+        /// Stored compressed (qcow2); ignored with `-z`, as qemu-io does.
+        compressed: bool,
         fua: bool,
         quiet: bool,
     },
@@ -118,7 +120,7 @@ pub fn parse(line: &str) -> Result<IoCommand, String> {
             Ok(IoCommand::Read { offset, len, pattern, verbose: has('v'), quiet: has('q') })
         }
         "write" => {
-            allowed("zunfq")?;
+            allowed("zuncfq")?;
             let (offset, len) = range(&positional)?;
             let zero = has('z');
             if zero && pattern.is_some() {
@@ -134,6 +136,7 @@ pub fn parse(line: &str) -> Result<IoCommand, String> {
                 zero,
                 unmap: has('u'),
                 no_fallback: has('n'),
+                compressed: has('c'),
                 fua: has('f'),
                 quiet: has('q'),
             })
@@ -215,6 +218,7 @@ mod tests {
                 zero: false,
                 unmap: false,
                 no_fallback: false,
+                compressed: false,
                 fua: false,
                 quiet: false
             }
@@ -228,10 +232,12 @@ mod tests {
                 zero: true,
                 unmap: true,
                 no_fallback: false,
+                compressed: false,
                 fua: false,
                 quiet: false
             }
         );
+        assert!(matches!(parse("write -c -P 1 0 64k").unwrap(), IoCommand::Write { compressed: true, .. }));
         assert_eq!(
             parse("read -P 171 -v 512 512").unwrap(),
             IoCommand::Read { offset: 512, len: 512, pattern: Some(171), verbose: true, quiet: false }
