@@ -1,6 +1,8 @@
 //! Model-based test of the qcow2 driver: random sequences of writes
-//! (aligned and not, inside one cluster and across several), write-zeroes
-//! with and without MAY_UNMAP, discards, flushes and reopens go to a qcow2
+//! (aligned and not, inside one cluster and across several), compressed
+//! writes of whole clusters (of data that compresses and of data that
+//! does not), write-zeroes with and without MAY_UNMAP, discards, flushes
+//! and reopens go to a qcow2
 //! node and to a flat buffer, and after every step the node must read as
 //! the buffer. Each sequence runs twice: on the simulated disk (`x-sim`,
 //! completing requests in a seeded order) and on a real file, which
@@ -41,9 +43,27 @@ struct Shape {
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Write { offset: u64, len: u64, seed: u8 },
-    Zero { offset: u64, len: u64, unmap: bool },
-    Discard { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    /// Whole clusters, stored compressed where `text` (data that compresses).
+    Compressed {
+        offset: u64,
+        len: u64,
+        seed: u8,
+        text: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     Reopen,
 }
@@ -81,6 +101,12 @@ fn range(shape: Shape) -> impl Strategy<Value = (u64, u64)> {
 fn op(shape: Shape) -> impl Strategy<Value = Op> {
     prop_oneof![
         10 => (range(shape), any::<u8>()).prop_map(|((offset, len), seed)| Op::Write { offset, len, seed }),
+        4 => (0..shape.size / shape.cluster, 1u64..4, any::<u8>(), prop::bool::weighted(0.8)).prop_map(
+            move |(c, n, seed, text)| {
+                let offset = c * shape.cluster;
+                Op::Compressed { offset, len: (n * shape.cluster).min(shape.size - offset), seed, text }
+            }
+        ),
         3 => (range(shape), any::<bool>()).prop_map(|((offset, len), unmap)| Op::Zero { offset, len, unmap }),
         2 => range(shape).prop_map(|(offset, len)| Op::Discard { offset, len }),
         2 => Just(Op::Flush),
@@ -98,11 +124,32 @@ fn pattern(offset: u64, len: u64, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Bytes that compress: lines naming their place.
+fn text(offset: u64, len: u64, seed: u8) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|at| match at % 32 {
+            0..8 => ((at / 32) >> (at % 8 * 8)) as u8,
+            8 => seed,
+            k => b'a' + (k % 26) as u8,
+        })
+        .collect()
+}
+
+fn data(op: Op) -> Vec<u8> {
+    match op {
+        Op::Write { offset, len, seed } | Op::Compressed { offset, len, seed, text: false } => {
+            pattern(offset, len, seed)
+        }
+        Op::Compressed { offset, len, seed, text: true } => text(offset, len, seed),
+        _ => Vec::new(),
+    }
+}
+
 /// The flat model of the disk.
 fn model(flat: &mut [u8], op: Op, cluster: u64) {
     match op {
-        Op::Write { offset, len, seed } => {
-            flat[offset as usize..(offset + len) as usize].copy_from_slice(&pattern(offset, len, seed))
+        Op::Write { offset, len, .. } | Op::Compressed { offset, len, .. } => {
+            flat[offset as usize..(offset + len) as usize].copy_from_slice(&data(op))
         }
         Op::Zero { offset, len, .. } => flat[offset as usize..(offset + len) as usize].fill(0),
         // A discard drops whole clusters (they read as zeroes) and leaves
@@ -120,7 +167,10 @@ fn model(flat: &mut [u8], op: Op, cluster: u64) {
 /// What to compare after `op`: its range widened by a cluster each side.
 fn window(op: Op, shape: Shape) -> Option<(u64, u64)> {
     let (offset, len) = match op {
-        Op::Write { offset, len, .. } | Op::Zero { offset, len, .. } | Op::Discard { offset, len } => (offset, len),
+        Op::Write { offset, len, .. }
+        | Op::Compressed { offset, len, .. }
+        | Op::Zero { offset, len, .. }
+        | Op::Discard { offset, len } => (offset, len),
         Op::Flush => return None,
         Op::Reopen => return Some((0, shape.size)),
     };
@@ -130,9 +180,8 @@ fn window(op: Op, shape: Shape) -> Option<(u64, u64)> {
 
 async fn send(ch: &bdev::BlockChannel, op: Op) -> Result<(), String> {
     let res = match op {
-        Op::Write { offset, len, seed } => {
-            ch.write(offset, IoBuf::from_slice(&pattern(offset, len, seed)), IoFlags::NONE).await.1
-        }
+        Op::Write { offset, .. } => ch.write(offset, IoBuf::from_slice(&data(op)), IoFlags::NONE).await.1,
+        Op::Compressed { offset, .. } => ch.write(offset, IoBuf::from_slice(&data(op)), IoFlags::COMPRESS).await.1,
         Op::Zero { offset, len, unmap } => {
             ch.write_zeroes(offset, len, if unmap { IoFlags::MAY_UNMAP } else { IoFlags::NONE }).await
         }
