@@ -75,7 +75,18 @@ pub fn compress(kind: Compression, cluster: &[u8]) -> Option<Vec<u8>> {
                 _ => return None,
             }
         }
-        Compression::Zstd => ruzstd::encoding::compress_to_vec(cluster, ruzstd::encoding::CompressionLevel::Fastest),
+        Compression::Zstd => {
+            // Guest data must not bring a thread down: should the encoder
+            // panic on some input, the cluster is stored as it is.
+            let level = ruzstd::encoding::CompressionLevel::Fastest;
+            match std::panic::catch_unwind(|| ruzstd::encoding::compress_to_vec(cluster, level)) {
+                Ok(out) => out,
+                Err(_) => {
+                    tracing::warn!("qcow2: the zstd encoder failed on a cluster; it is stored uncompressed");
+                    return None;
+                }
+            }
+        }
     };
     (out.len() <= limit).then_some(out)
 }
