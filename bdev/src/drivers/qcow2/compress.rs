@@ -59,6 +59,15 @@ const DEFLATE_LEVEL: u32 = 6;
 /// reaching further back would not decompress there.
 const DEFLATE_WINDOW_BITS: u8 = 12;
 
+/// QEMU's zstd level (libzstd's default).
+const ZSTD_LEVEL: i32 = 3;
+
+thread_local! {
+    /// One zstd context per thread, kept between clusters.
+    static ZSTD_ENCODER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+}
+
 /// Compresses one cluster the way QEMU's qcow2 does for `kind`; None when
 /// the result would not be shorter than `cluster.len()` bytes (the cluster
 /// is then stored as it is).
@@ -75,18 +84,14 @@ pub fn compress(kind: Compression, cluster: &[u8]) -> Option<Vec<u8>> {
                 _ => return None,
             }
         }
-        Compression::Zstd => {
-            // Guest data must not bring a thread down: should the encoder
-            // panic on some input, the cluster is stored as it is.
-            let level = ruzstd::encoding::CompressionLevel::Fastest;
-            match std::panic::catch_unwind(|| ruzstd::encoding::compress_to_vec(cluster, level)) {
-                Ok(out) => out,
-                Err(_) => {
-                    tracing::warn!("qcow2: the zstd encoder failed on a cluster; it is stored uncompressed");
-                    return None;
-                }
-            }
-        }
+        Compression::Zstd => ZSTD_ENCODER.with(|c| {
+            let mut c = c.borrow_mut();
+            let mut out = vec![0u8; limit];
+            // An error is a frame that does not fit: stored as it is.
+            let n = c.as_mut()?.compress_to_buffer(cluster, &mut out).ok()?;
+            out.truncate(n);
+            Some(out)
+        })?,
     };
     (out.len() <= limit).then_some(out)
 }

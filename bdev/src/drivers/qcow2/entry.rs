@@ -101,6 +101,12 @@ pub fn compressed_clusters(offset: u64, len: u64, cluster_bits: u32) -> (u64, u6
     (first, (last - first) / cs + 1)
 }
 
+thread_local! {
+    /// One zstd context per thread, kept between clusters.
+    static ZSTD_DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+}
+
 /// Decompresses one cluster from `input` into `out` (exactly one cluster).
 pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<(), Corrupt> {
     match kind {
@@ -115,21 +121,19 @@ pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<(),
             }
         }
         Compression::Zstd => {
-            use std::io::Read;
-            let mut dec =
-                ruzstd::decoding::StreamingDecoder::new(input).map_err(|e| Corrupt(format!("zstd cluster: {e}")))?;
-            let mut at = 0;
-            while at < out.len() {
-                match dec.read(&mut out[at..]) {
-                    Ok(0) => break,
-                    Ok(n) => at += n,
-                    Err(e) => return Err(Corrupt(format!("zstd cluster: {e}"))),
-                }
-            }
-            if at == out.len() {
+            // The stored bytes run to a sector's end: one frame is the data.
+            let frame = zstd::zstd_safe::find_frame_compressed_size(input)
+                .map_err(|e| Corrupt(format!("zstd cluster: {}", zstd::zstd_safe::get_error_name(e))))?;
+            let n = ZSTD_DECODER
+                .with(|d| match d.borrow_mut().as_mut() {
+                    Some(d) => d.decompress_to_buffer(&input[..frame], out).map_err(|e| e.to_string()),
+                    None => Err("no zstd context".to_string()),
+                })
+                .map_err(|e| Corrupt(format!("zstd cluster: {e}")))?;
+            if n == out.len() {
                 Ok(())
             } else {
-                Err(Corrupt(format!("zstd cluster inflates to {at} bytes, not {}", out.len())))
+                Err(Corrupt(format!("zstd cluster inflates to {n} bytes, not {}", out.len())))
             }
         }
     }
